@@ -1,0 +1,50 @@
+"""One error family for triqdef.
+
+Every error triqdef raises on purpose derives from :class:`TriQDefError`, and
+also from the builtin a caller would naturally catch (``ValueError``,
+``KeyError``, ``TypeError``, ``RuntimeError``), so ``except ValueError`` keeps
+working in code that does not know about triqdef.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "TriQDefError",
+    "ConfigError",
+    "LayerNotFoundError",
+    "InputError",
+    "CheckpointError",
+    "NotCalibratedError",
+    "DetachedError",
+]
+
+
+class TriQDefError(Exception):
+    """Base class of every error triqdef raises on purpose."""
+
+
+class ConfigError(TriQDefError, ValueError):
+    """A constructor argument is invalid (bit-widths, names, hyper-parameters)."""
+
+
+class LayerNotFoundError(TriQDefError, KeyError):
+    """A layer name is not in ``model.named_modules()``."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0]) if self.args else ""
+
+
+class InputError(TriQDefError, TypeError, ValueError):
+    """A call received a tensor of the wrong type, shape, dtype, device or values."""
+
+
+class CheckpointError(TriQDefError, ValueError):
+    """A checkpoint does not match the wrapper, or the file is truncated or corrupt."""
+
+
+class NotCalibratedError(TriQDefError, RuntimeError):
+    """An evaluation ran at a bit-width whose observers have never seen data."""
+
+
+class DetachedError(TriQDefError, RuntimeError):
+    """The wrapper was detached from its model and can no longer run it."""

@@ -1,0 +1,330 @@
+"""Fake quantizers, observers and per-bit state.
+
+Everything that decides *how* a tensor is quantized lives here; the wrapper
+only decides *when* (which bit-width is active) and *where* (which layers).
+
+Grids (zero-point fixed at 0 everywhere):
+
+* Weights, per output channel, signed narrow range
+  ``[-(2^(b-1) - 1), 2^(b-1) - 1]`` with ``scale = max|w_c| / (2^(b-1) - 1)``.
+  At 2 bits that is the ternary grid ``{-1, 0, 1}``: symmetric, so a weight
+  and its negation quantize to mirror images.
+* Activations (a layer's input), per tensor. A tensor whose first observed
+  batch is non-negative (post-ReLU features, images in ``[0, 1]``) uses the
+  unsigned range ``[0, 2^b - 1]`` with ``scale = max / (2^b - 1)``; any other
+  tensor uses the signed narrow range above with
+  ``scale = max(|min|, |max|) / (2^(b-1) - 1)``. The choice is made once, at
+  the first observation, and kept.
+* 32 bits is the identity: no quantizer runs at all.
+
+The straight-through estimator comes from PyTorch's fused fake-quant ops:
+the gradient is 1 where the value fell inside the grid's range and 0 where it
+was clipped, and the op supports double backward.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import NotCalibratedError
+
+__all__ = [
+    "quant_range",
+    "weight_scale",
+    "fake_quantize_weight",
+    "activation_scale",
+    "fake_quantize_activation",
+    "LayerQuantizer",
+    "BatchNormStats",
+]
+
+_UNSEEN, _UNSIGNED, _SIGNED = 0, 1, 2
+_EPS = torch.finfo(torch.float32).eps
+
+
+def quant_range(bits: int, signed: bool) -> tuple[int, int]:
+    """Integer range of the grid used at ``bits`` bits.
+
+    Args:
+        bits: bit-width, 2 to 31.
+        signed: signed narrow range when True, unsigned range when False.
+
+    Returns:
+        ``(quant_min, quant_max)``.
+
+    Example:
+        >>> quant_range(2, signed=True), quant_range(2, signed=False)
+        ((-1, 1), (0, 3))
+    """
+    if signed:
+        q = 2 ** (bits - 1) - 1
+        return -q, q
+    return 0, 2**bits - 1
+
+
+def weight_scale(weight: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per-output-channel scale of a weight at ``bits`` bits.
+
+    Args:
+        weight: ``(C_out, ...)`` weight tensor.
+        bits: bit-width.
+
+    Returns:
+        ``(C_out,)`` float32 scales, at least float32 eps.
+    """
+    amax = weight.detach().abs().flatten(1).amax(dim=1)
+    return (amax.float() / quant_range(bits, True)[1]).clamp_min(_EPS)
+
+
+def fake_quantize_weight(weight: torch.Tensor, bits: int) -> torch.Tensor:
+    """Quantize-dequantize a weight per output channel (signed narrow grid, STE).
+
+    Args:
+        weight: ``(C_out, ...)`` weight tensor.
+        bits: bit-width, 2 to 31.
+
+    Returns:
+        Tensor of the same shape and dtype whose channel ``c`` takes at most
+        ``2^bits - 1`` distinct values, all multiples of that channel's scale.
+
+    Example:
+        >>> w = torch.tensor([[0.9, -0.2, 0.4]])
+        >>> fake_quantize_weight(w, 2)
+        tensor([[ 0.9000, -0.0000,  0.0000]])
+    """
+    scale = weight_scale(weight, bits)
+    zero = torch.zeros(scale.shape, dtype=torch.int32, device=weight.device)
+    qmin, qmax = quant_range(bits, True)
+    return torch.fake_quantize_per_channel_affine(weight, scale, zero, 0, qmin, qmax)
+
+
+def activation_scale(lo: torch.Tensor, hi: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
+    """Per-tensor scale from observed ``min``/``max`` (0-dim tensors)."""
+    amax = torch.maximum(-lo, hi) if signed else hi.clamp_min(0)
+    return (amax.float() / quant_range(bits, signed)[1]).clamp_min(_EPS)
+
+
+def fake_quantize_activation(
+    x: torch.Tensor, scale: torch.Tensor, bits: int, signed: bool
+) -> torch.Tensor:
+    """Quantize-dequantize a tensor with one scale (STE).
+
+    Args:
+        x: any shape.
+        scale: 0-dim or ``(1,)`` scale.
+        bits: bit-width.
+        signed: which grid (see :func:`quant_range`).
+
+    Returns:
+        Tensor like ``x`` with at most ``2^bits`` distinct values.
+    """
+    qmin, qmax = quant_range(bits, signed)
+    zero = torch.zeros((), dtype=torch.int32, device=x.device)
+    return torch.fake_quantize_per_tensor_affine(x, scale.reshape(()), zero, qmin, qmax)
+
+
+class BitContext:
+    """Which bit-width is active; one instance is shared by all hooks of a wrapper.
+
+    ``index`` is the position in ``qbits`` (the bit-widths below 32), or ``None``
+    when 32 bits (the identity) is active.
+    """
+
+    __slots__ = ("qbits", "index")
+
+    def __init__(self, qbits: tuple[int, ...]) -> None:
+        self.qbits = qbits
+        self.index: int | None = None
+
+    def __getstate__(self) -> dict:
+        return {"qbits": self.qbits, "index": self.index}
+
+    def __setstate__(self, state: dict) -> None:
+        self.qbits, self.index = state["qbits"], state["index"]
+
+
+class LayerQuantizer(nn.Module):
+    """Per-bit quantization state of one quantized layer and the hooks that apply it.
+
+    Buffers (one row per bit-width below 32, in the wrapper's order):
+
+    * ``act_min``, ``act_max``: ``(K,)`` moving-average min/max of the layer's input.
+    * ``act_kind``: ``(K,)`` uint8; 0 = never observed, 1 = unsigned grid, 2 = signed grid.
+
+    Weights need no buffer: their per-channel scale is read off the current
+    shared weight at every call, so it always matches the weights being trained.
+
+    Args:
+        ctx: the wrapper's :class:`BitContext`.
+        weights: ``(submodule path, parameter name)`` pairs quantized per output
+            channel when the layer runs (``("", "weight")`` for Conv/Linear).
+        num_inputs: how many leading positional inputs are activation-quantized.
+        momentum: weight of the new batch in the moving average.
+    """
+
+    def __init__(
+        self,
+        ctx: BitContext,
+        weights: tuple[tuple[str, str], ...] = (("", "weight"),),
+        num_inputs: int = 1,
+        momentum: float = 0.1,
+    ) -> None:
+        super().__init__()
+        k = len(ctx.qbits)
+        self.register_buffer("act_min", torch.zeros(k))
+        self.register_buffer("act_max", torch.zeros(k))
+        self.register_buffer("act_kind", torch.zeros(k, dtype=torch.uint8))
+        self._ctx = ctx
+        self.weights = weights
+        self.num_inputs = num_inputs
+        self.momentum = momentum
+        self._kind_cache: list[int | None] = [None] * k
+        self._stash: list[list[tuple[nn.Module, str, torch.Tensor]]] = []
+
+    def extra_repr(self) -> str:
+        return f"weights={[p if not m else f'{m}.{p}' for m, p in self.weights]}, " + (
+            f"num_inputs={self.num_inputs}, momentum={self.momentum}"
+        )
+
+    # --- state -----------------------------------------------------------------------
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._kind_cache = [None] * len(self._kind_cache)
+
+    def reset(self, index: int) -> None:
+        """Forget what the observers of bit-width number ``index`` have seen."""
+        with torch.no_grad():
+            self.act_min[index] = 0
+            self.act_max[index] = 0
+            self.act_kind[index] = _UNSEEN
+        self._kind_cache[index] = None
+
+    def calibrated(self, index: int) -> bool:
+        """Whether the observers of bit-width number ``index`` have seen data."""
+        return self._kind(index) != _UNSEEN
+
+    def _kind(self, index: int) -> int:
+        kind = self._kind_cache[index]
+        if kind is None:  # read once from the buffer, then mirrored on the host
+            kind = int(self.act_kind[index])
+            if kind != _UNSEEN:
+                self._kind_cache[index] = kind
+        return kind
+
+    def scale(self, index: int) -> tuple[torch.Tensor, bool]:
+        """``(scale, signed)`` of the input quantizer of bit-width number ``index``."""
+        kind = self._kind(index)
+        if kind == _UNSEEN:
+            raise NotCalibratedError(
+                f"the {self._ctx.qbits[index]}-bit observers have never seen data; run a "
+                "training-mode forward at that bit-width or wrapper.calibrate(batches) first"
+            )
+        signed = kind == _SIGNED
+        return activation_scale(
+            self.act_min[index], self.act_max[index], self._ctx.qbits[index], signed
+        ), signed
+
+    def observe(self, x: torch.Tensor, index: int) -> None:
+        """Update the moving-average min/max of bit-width number ``index`` with ``x``."""
+        with torch.no_grad():
+            lo, hi = torch.aminmax(x.detach())
+            lo, hi = lo.to(self.act_min.dtype), hi.to(self.act_max.dtype)
+            if self._kind(index) == _UNSEEN:  # first batch: take it as is, pick the grid
+                kind = _SIGNED if bool(lo < 0) else _UNSIGNED
+                self.act_min[index] = lo
+                self.act_max[index] = hi
+                self.act_kind[index] = kind
+                self._kind_cache[index] = kind
+            else:
+                self.act_min[index].lerp_(lo, self.momentum)
+                self.act_max[index].lerp_(hi, self.momentum)
+
+    def quantize_input(self, x: torch.Tensor, index: int, training: bool) -> torch.Tensor:
+        """Observe (in training mode) and fake-quantize one input tensor."""
+        if training:
+            self.observe(x, index)
+        scale, signed = self.scale(index)
+        return fake_quantize_activation(x, scale, self._ctx.qbits[index], signed)
+
+    # --- hooks -----------------------------------------------------------------------
+    def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+        """Forward pre-hook: quantize the inputs, swap in quantized weights."""
+        index = self._ctx.index
+        if index is None:
+            return None
+        bits = self._ctx.qbits[index]
+        args = list(args)
+        done: dict[int, torch.Tensor] = {}  # keeps `key is query` identity for attention
+        for i in range(min(self.num_inputs, len(args))):
+            x = args[i]
+            if isinstance(x, torch.Tensor) and x.is_floating_point():
+                if id(x) not in done:
+                    done[id(x)] = self.quantize_input(x, index, module.training)
+                args[i] = done[id(x)]
+        swapped: list[tuple[nn.Module, str, torch.Tensor]] = []
+        self._stash.append(swapped)
+        for path, name in self.weights:
+            owner = module.get_submodule(path) if path else module
+            w = owner._parameters[name]
+            quantized = fake_quantize_weight(w, bits)
+            swapped.append((owner, name, w))
+            owner._parameters[name] = quantized
+        return tuple(args), kwargs
+
+    def post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output):
+        """Forward hook (always called): put the shared weights back."""
+        if self._stash:
+            for owner, name, w in self._stash.pop():
+                owner._parameters[name] = w
+        return None
+
+
+class BatchNormStats(nn.Module):
+    """Per-bit running statistics of one BatchNorm layer.
+
+    The BatchNorm module's own buffers keep serving 32 bits, so the bare model
+    is untouched; for each lower bit-width this module holds a copy (row ``i``
+    for bit-width number ``i``) that is swapped in for the duration of the
+    layer's forward and updated in place by BatchNorm itself. The affine
+    parameters stay shared.
+
+    Args:
+        ctx: the wrapper's :class:`BitContext`.
+        bn: the BatchNorm layer; its current statistics initialize every row.
+    """
+
+    _names = ("running_mean", "running_var", "num_batches_tracked")
+
+    def __init__(self, ctx: BitContext, bn: nn.modules.batchnorm._BatchNorm) -> None:
+        super().__init__()
+        k = len(ctx.qbits)
+        for name in self._names:
+            value = bn._buffers[name].detach()
+            self.register_buffer(name, value.unsqueeze(0).repeat(k, *([1] * value.ndim)))
+        self._ctx = ctx
+        self._stash: list[list[torch.Tensor]] = []
+
+    def reset(self, index: int) -> None:
+        """Reset the statistics of bit-width number ``index`` to BatchNorm's initial values."""
+        with torch.no_grad():
+            self.running_mean[index] = 0
+            self.running_var[index] = 1
+            self.num_batches_tracked[index] = 0
+
+    def pre_hook(self, module: nn.Module, args: tuple) -> None:
+        """Forward pre-hook: swap in the active bit-width's statistics."""
+        index = self._ctx.index
+        if index is None:
+            return None
+        self._stash.append([module._buffers[n] for n in self._names])
+        for name in self._names:
+            module._buffers[name] = getattr(self, name)[index]
+        return None
+
+    def post_hook(self, module: nn.Module, args: tuple, output):
+        """Forward hook (always called): put the 32-bit statistics back."""
+        if self._stash:
+            for name, value in zip(self._names, self._stash.pop()):
+                module._buffers[name] = value
+        return None
