@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import copy
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .errors import ConfigError
 from .quant import fake_quantize_activation, fake_quantize_weight
+
+if TYPE_CHECKING:
+    from .wrapper import TriQDefWrapper
 
 __all__ = ["QuantizedInputs", "export_model"]
 
@@ -70,7 +74,7 @@ def _remove_hooks(model: nn.Module, ids: set[int]) -> None:
 
 
 @torch.no_grad()
-def export_model(wrapper, bits: int) -> nn.Module:
+def export_model(wrapper: TriQDefWrapper, bits: int) -> nn.Module:
     """Standalone eval-mode copy of ``wrapper.model`` at ``bits``.
 
     Each quantized layer's weights are replaced by their quantized values and

@@ -7,6 +7,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING, Union
 
 import torch
 from safetensors import safe_open
@@ -14,6 +15,11 @@ from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError, ConfigError
 from .quant import weight_scale
+
+if TYPE_CHECKING:
+    from .wrapper import TriQDefWrapper
+
+PathLike = Union[str, "os.PathLike[str]"]
 
 __all__ = ["save", "load", "save_quantized", "check_state_dict", "FORMAT_VERSION"]
 
@@ -64,7 +70,9 @@ def _contiguous_copies(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
 
 
-def check_state_dict(wrapper, state_dict, strict: bool = True) -> None:
+def check_state_dict(
+    wrapper: TriQDefWrapper, state_dict: dict[str, torch.Tensor], strict: bool = True
+) -> None:
     """Raise :class:`CheckpointError` if ``state_dict`` does not fit ``wrapper``.
 
     Checks missing and unexpected keys (when ``strict``) and every shape,
@@ -91,7 +99,7 @@ def check_state_dict(wrapper, state_dict, strict: bool = True) -> None:
         raise CheckpointError("state_dict does not fit this wrapper: " + "; ".join(problems))
 
 
-def save(wrapper, path) -> None:
+def save(wrapper: TriQDefWrapper, path: PathLike) -> None:
     """Save weights, every per-bit quantizer and BatchNorm state, and metadata.
 
     The file is a safetensors file whose metadata records the format version,
@@ -122,7 +130,7 @@ def _read(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return tensors, meta
 
 
-def load(wrapper, path) -> None:
+def load(wrapper: TriQDefWrapper, path: PathLike) -> None:
     """Load a file written by :func:`save` into ``wrapper``, in place.
 
     Everything is read and checked before anything is copied: a file made for
@@ -162,7 +170,7 @@ def load(wrapper, path) -> None:
     wrapper.load_state_dict(tensors)
 
 
-def save_quantized(wrapper, path, bits: int) -> None:
+def save_quantized(wrapper: TriQDefWrapper, path: PathLike, bits: int) -> None:
     """Save the deployable model at ``bits`` with integer weight codes.
 
     Keys follow :meth:`TriQDefWrapper.export`'s module, in which a quantized
