@@ -89,9 +89,9 @@ def fake_quantize_weight(weight: torch.Tensor, bits: int) -> torch.Tensor:
         ``2^bits - 1`` distinct values, all multiples of that channel's scale.
 
     Example:
-        >>> w = torch.tensor([[0.9, -0.2, 0.4]])
-        >>> fake_quantize_weight(w, 2)
-        tensor([[ 0.9000, -0.0000,  0.0000]])
+        >>> w = torch.tensor([[0.9, -0.2, 0.5, -0.6]])
+        >>> fake_quantize_weight(w, 2)  # ternary: {-0.9, 0, 0.9}
+        tensor([[ 0.9000,  0.0000,  0.9000, -0.9000]])
     """
     scale = weight_scale(weight, bits)
     zero = torch.zeros(scale.shape, dtype=torch.int32, device=weight.device)
