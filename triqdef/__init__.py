@@ -2,20 +2,26 @@
 
 Public surface::
 
-    TriQDefWrapper            one shared backbone at several bit-widths (hooks)
+    TriQDefWrapper            one shared backbone at several bit-widths (hooks);
+                              wrapper.loss(x, y, patch) is the TriQDef objective
+    BACTSchedule              the bit-width curriculum, stepped in your loop
     save, load                the whole wrapper in safetensors
     save_quantized            integer weight codes of one bit-width, for deployment
-    functional, models, data  metrics, reference models, offline datasets
+    functional, losses        perceptual metrics and the cross-bit penalties
+    attacks                   patch placement and patch sources
+    models, data              reference models, offline datasets
 """
 
 from . import errors
 from .errors import TriQDefError
 from .io import load, save, save_quantized
+from .schedule import BACTSchedule
 from .wrapper import DEFAULT_BITS, TriQDefWrapper
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "BACTSchedule",
     "DEFAULT_BITS",
     "TriQDefError",
     "TriQDefWrapper",

@@ -16,6 +16,7 @@ __all__ = [
     "CheckpointError",
     "NotCalibratedError",
     "DetachedError",
+    "NonFiniteLossError",
 ]
 
 
@@ -48,3 +49,7 @@ class NotCalibratedError(TriQDefError, RuntimeError):
 
 class DetachedError(TriQDefError, RuntimeError):
     """The wrapper was detached from its model and can no longer run it."""
+
+
+class NonFiniteLossError(TriQDefError, ValueError):
+    """A loss term came out NaN or Inf; the message names the term and bit-width."""

@@ -128,20 +128,22 @@ class BitContext:
     """Which bit-width is active; one instance is shared by all hooks of a wrapper.
 
     ``index`` is the position in ``qbits`` (the bit-widths below 32), or ``None``
-    when 32 bits (the identity) is active.
+    when 32 bits (the identity) is active. ``observe=False`` freezes every
+    observer (used while a memory-bounded backward replays a forward pass).
     """
 
-    __slots__ = ("qbits", "index")
+    __slots__ = ("qbits", "index", "observe")
 
     def __init__(self, qbits: tuple[int, ...]) -> None:
         self.qbits = qbits
         self.index: int | None = None
+        self.observe = True
 
     def __getstate__(self) -> dict:
         return {"qbits": self.qbits, "index": self.index}
 
     def __setstate__(self, state: dict) -> None:
-        self.qbits, self.index = state["qbits"], state["index"]
+        self.qbits, self.index, self.observe = state["qbits"], state["index"], True
 
 
 class LayerQuantizer(nn.Module):
@@ -242,7 +244,7 @@ class LayerQuantizer(nn.Module):
 
     def quantize_input(self, x: torch.Tensor, index: int, training: bool) -> torch.Tensor:
         """Observe (in training mode) and fake-quantize one input tensor."""
-        if training:
+        if training and self._ctx.observe:
             self.observe(x, index)
         scale, signed = self.scale(index)
         return fake_quantize_activation(x, scale, self._ctx.qbits[index], signed)

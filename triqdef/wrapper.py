@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import difflib
 import functools
+import math
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
 
+from .attacks.patching import PatchSource, RandomPatch
 from .errors import ConfigError, DetachedError, LayerNotFoundError
+from .losses import PAIR_MODES, DescriptorConfig
 from .quant import BatchNormStats, BitContext, LayerQuantizer
 from .taps import FeatureTaps
 
@@ -108,6 +112,21 @@ class TriQDefWrapper(nn.Module):
         per_bit_bn: keep BatchNorm running statistics per bit-width (default).
             With ``False`` every bit-width shares the model's own statistics.
         momentum: weight of a new batch in the activation observers' moving average.
+        lambda_adv: weight of the cross-entropy on patched inputs.
+        lambda_fdp: weight of the Feature Disalignment Penalty (0 turns it off).
+        lambda_gpdp: weight of the Gradient Perceptual Dissonance Penalty (0 turns it off).
+        alpha: weight of the edge SoftDice inside both penalties.
+        beta: weight of the HOG cosine inside both penalties.
+        rho: share of each batch that is patched, in [0, 1].
+        pairs: ``"mean"`` over unordered bit-width pairs (default) or ``"sum"``
+            over ordered pairs (the paper's literal formula).
+        patch_source: patches used when ``loss`` gets ``patch=None``; default
+            :class:`~triqdef.attacks.RandomPatch` (uniform noise).
+        memory_bounded: compute the loss's gradient one bit-width at a time, so only
+            one double-backward graph is alive (see :meth:`loss`).
+        check_finite: raise :class:`~triqdef.errors.NonFiniteLossError` instead of
+            returning a NaN/Inf loss (one host synchronisation per call).
+        descriptor: settings of the perceptual descriptors (quantile, sharpness, HOG).
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
@@ -130,6 +149,17 @@ class TriQDefWrapper(nn.Module):
         *,
         per_bit_bn: bool = True,
         momentum: float = 0.1,
+        lambda_adv: float = 1.0,
+        lambda_fdp: float = 0.8,
+        lambda_gpdp: float = 0.5,
+        alpha: float = 0.5,
+        beta: float = 1.0,
+        rho: float = 0.5,
+        pairs: str = "mean",
+        patch_source: PatchSource | None = None,
+        memory_bounded: bool = False,
+        check_finite: bool = True,
+        descriptor: DescriptorConfig | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -138,6 +168,28 @@ class TriQDefWrapper(nn.Module):
         exclude = _check_names(model, exclude, "exclude")
         if not 0.0 < float(momentum) <= 1.0:
             raise ConfigError(f"momentum must be in (0, 1], got {momentum}")
+        weights = dict(
+            lambda_adv=lambda_adv,
+            lambda_fdp=lambda_fdp,
+            lambda_gpdp=lambda_gpdp,
+            alpha=alpha,
+            beta=beta,
+        )
+        for name, value in weights.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{name} must be a number, got {value!r}")
+            if not math.isfinite(value) or value < 0:
+                raise ConfigError(f"{name} must be finite and >= 0, got {value}")
+        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not 0 <= rho <= 1:
+            raise ConfigError(f"rho (patched share of the batch) must be in [0, 1], got {rho!r}")
+        if pairs not in PAIR_MODES:
+            raise ConfigError(f"pairs must be one of {PAIR_MODES}, got {pairs!r}")
+        if patch_source is not None and not callable(patch_source):
+            raise ConfigError(
+                f"patch_source must be callable(x, y, wrapper) -> x_adv, got {patch_source!r}"
+            )
+        if descriptor is not None and not isinstance(descriptor, DescriptorConfig):
+            raise ConfigError(f"descriptor must be a DescriptorConfig, got {descriptor!r}")
         for module in model.modules():
             for hook in (*module._forward_pre_hooks.values(), *module._forward_hooks.values()):
                 owner = getattr(hook, "__self__", None)
@@ -159,6 +211,15 @@ class TriQDefWrapper(nn.Module):
         self.layers = layers
         self.exclude = exclude
         self.per_bit_bn = bool(per_bit_bn)
+        self.lambda_adv, self.lambda_fdp = float(lambda_adv), float(lambda_fdp)
+        self.lambda_gpdp, self.alpha, self.beta = float(lambda_gpdp), float(alpha), float(beta)
+        self.rho, self.pairs = float(rho), pairs
+        self.patch_source = RandomPatch() if patch_source is None else patch_source
+        self.memory_bounded, self.check_finite = bool(memory_bounded), bool(check_finite)
+        self.descriptor = descriptor or DescriptorConfig()
+        self.active_bits = bits
+        self._last_terms: dict[str, torch.Tensor] = {}
+        self._recent: collections.deque | None = None  # recent inputs, for BACT calibration
         self._ctx = BitContext(tuple(b for b in bits if b < 32))
         self._bits = bits[0]
         self._detached = False
@@ -248,10 +309,82 @@ class TriQDefWrapper(nn.Module):
         if self._detached:
             raise DetachedError("this TriQDefWrapper was detached; wrap the model again to use it")
 
-    def forward(self, *args, **kwargs):
-        """Run the model at the active bit-width."""
+    def forward(self, x, y: torch.Tensor | None = None, patch=None, **kwargs):
+        """Run the model at the active bit-width, or return the TriQDef loss.
+
+        ``wrapper(x)`` returns the model's output at the active bit-width;
+        ``wrapper(x, y, patch)`` returns ``wrapper.loss(x, y, patch)``, so that
+        ``DistributedDataParallel(wrapper)(x, y, patch)`` synchronises the loss's
+        gradients.
+        """
         self._check_attached()
-        return self.model(*args, **kwargs)
+        if y is None:
+            if patch is not None:
+                raise ConfigError("wrapper(x, patch=...) needs labels: call wrapper(x, y, patch)")
+            return self.model(x, **kwargs)
+        return self.loss(x, y, patch)
+
+    def set_active_bits(self, bits: Iterable[int]) -> TriQDefWrapper:
+        """Choose the bit-widths that :meth:`loss` trains (a subset of ``bits``)."""
+        chosen = tuple(sorted(set(bits), reverse=True))
+        unknown = [b for b in chosen if b not in self.bits]
+        if not chosen or unknown:
+            raise ConfigError(
+                f"active bits must be a non-empty subset of {self.bits}, got {tuple(bits)}"
+            )
+        self.active_bits = chosen
+        return self
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor, patch=None) -> torch.Tensor:
+        """The TriQDef training loss over the active bit-widths.
+
+        ``L = L_clean + lambda_adv * L_adv + lambda_fdp * L_FDP + lambda_gpdp * L_GPDP``
+
+        The last ``round(rho * B)`` samples are patched (``x * (1 - M) + P * M``),
+        the rest stay clean; each active bit-width runs one forward over that
+        mixed batch. ``L_clean`` / ``L_adv`` are the cross-entropies of the clean /
+        patched rows averaged over bit-widths; FDP compares the tapped ``layers``
+        and GPDP the input gradients of the patched rows across bit-width pairs
+        (see :mod:`triqdef.losses` and :mod:`triqdef.objective`). Penalties with
+        weight 0 cost nothing: no taps, no double backward.
+
+        With ``memory_bounded=True`` the returned loss's backward re-runs one
+        bit-width at a time with the other bit-widths' descriptors detached, which
+        gives the same gradients with one double-backward graph alive at a time,
+        at the price of a second forward pass per bit-width.
+
+        Args:
+            x: images ``(B, C, H, W)`` on the model's device.
+            y: class indices ``(B,)``.
+            patch: ``None`` (the wrapper's ``patch_source``), one patch ``(C, h, w)``
+                placed at a random location per sample, a batch ``(N, C, h, w)``
+                (one drawn per patched sample), or a patch source
+                ``callable(x, y, wrapper) -> x_adv``.
+
+        Returns:
+            Scalar loss. :meth:`loss_terms` gives its breakdown.
+
+        Raises:
+            InputError: bad shapes, dtypes, devices, labels out of range, NaN/Inf in
+                ``x`` or the patch; nothing is changed.
+            NonFiniteLossError: a term is NaN/Inf; nothing is changed.
+        """
+        from .objective import triqdef_loss
+
+        return triqdef_loss(self, x, y, patch)
+
+    def loss_terms(self) -> dict[str, float]:
+        """Breakdown of the last :meth:`loss` as plain floats (synchronises only when called).
+
+        Keys: ``total``, ``clean``, ``adv``, ``clean/<b>``, ``adv/<b>`` per bit-width,
+        ``fdp``, ``gpdp`` (when on) and ``fdp/<b_i>-<b_j>``, ``gpdp/<b_i>-<b_j>``:
+        the similarity of each pair (summed over tapped layers for FDP).
+        """
+        if not self._last_terms:
+            return {}
+        names = list(self._last_terms)
+        values = torch.stack([t.float() for t in self._last_terms.values()]).tolist()
+        return dict(zip(names, values))
 
     def features(self, *args, **kwargs) -> dict[str, torch.Tensor]:
         """Run the model at the active bit-width and return the tapped outputs.
@@ -319,8 +452,12 @@ class TriQDefWrapper(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"bits={self.bits}, current_bits={self._bits}, layers={list(self.layers)}, "
-            f"exclude={list(self.exclude)}, per_bit_bn={self.per_bit_bn}"
+            f"bits={self.bits}, current_bits={self._bits}, active_bits={self.active_bits}, "
+            f"layers={list(self.layers)}, exclude={list(self.exclude)}, "
+            f"per_bit_bn={self.per_bit_bn}, lambda_adv={self.lambda_adv}, "
+            f"lambda_fdp={self.lambda_fdp}, lambda_gpdp={self.lambda_gpdp}, alpha={self.alpha}, "
+            f"beta={self.beta}, rho={self.rho}, pairs={self.pairs!r}"
+            + (", memory_bounded=True" if self.memory_bounded else "")
             + (", detached" if self._detached else "")
         )
 

@@ -1,0 +1,191 @@
+"""Placing patches on images, and the patch-source protocol of ``wrapper.loss``."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from ..errors import InputError
+
+if TYPE_CHECKING:
+    from ..wrapper import TriQDefWrapper
+
+__all__ = ["PatchSource", "RandomPatch", "apply_patch", "random_locations"]
+
+
+@runtime_checkable
+class PatchSource(Protocol):
+    """Anything ``wrapper.loss(x, y, patch=source)`` can draw patched images from.
+
+    A patch source is called once per loss call with the images to patch, their
+    labels and the wrapper (so a source can attack the model at its active
+    bit-widths), and returns the patched images:
+
+    ``source(x, y, wrapper) -> x_adv`` with ``x_adv.shape == x.shape``, on the
+    device and dtype of ``x``.
+
+    The returned tensor should not require grad (detach a crafted patch); the
+    loss takes input gradients of its own.
+    """
+
+    def __call__(self, x: Tensor, y: Tensor, wrapper: TriQDefWrapper) -> Tensor: ...
+
+
+def _size2(size, what: str = "patch_size") -> tuple[int, int]:
+    if isinstance(size, int) and not isinstance(size, bool):
+        size = (size, size)
+    try:
+        h, w = (int(s) for s in size)
+    except (TypeError, ValueError):
+        raise InputError(f"{what} must be an int or an (h, w) pair, got {size!r}") from None
+    if h < 1 or w < 1:
+        raise InputError(f"{what} must be positive, got {(h, w)}")
+    return h, w
+
+
+def random_locations(
+    n: int,
+    image_size: tuple[int, int],
+    patch_size: tuple[int, int],
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Uniformly random top-left corners so that a patch fits inside the image.
+
+    Args:
+        n: number of locations.
+        image_size: ``(H, W)``.
+        patch_size: ``(h, w)`` with ``h <= H`` and ``w <= W``.
+        generator: optional generator (its device decides where the draw happens).
+        device: device of the result.
+
+    Returns:
+        ``(n, 2)`` int64 ``(row, col)`` corners.
+    """
+    (hh, ww), (h, w) = image_size, patch_size
+    gen_device = generator.device if generator is not None else device
+    rows = torch.randint(0, hh - h + 1, (n,), generator=generator, device=gen_device)
+    cols = torch.randint(0, ww - w + 1, (n,), generator=generator, device=gen_device)
+    return torch.stack([rows, cols], dim=1).to(device)
+
+
+def apply_patch(
+    x: Tensor,
+    patch: Tensor,
+    locations: Tensor | None = None,
+    mask: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Paste patches into images: ``x * (1 - M) + P * M``.
+
+    Args:
+        x: images ``(B, C, H, W)``.
+        patch: one patch ``(C, h, w)`` for every image or one per image
+            ``(B, C, h, w)``; with ``mask``, a full-size ``(C, H, W)`` or
+            ``(B, C, H, W)`` canvas.
+        locations: ``(B, 2)`` integer top-left ``(row, col)`` of each patch. When
+            neither ``locations`` nor ``mask`` is given, locations are random.
+        mask: binary ``(B, 1, H, W)``, ``(1, H, W)`` or ``(H, W)`` mask selecting the
+            pixels taken from ``patch``.
+        generator: random generator for random locations.
+
+    Returns:
+        Patched images ``(B, C, H, W)``. Gradients reach ``patch`` only inside the
+        mask and ``x`` only outside it.
+
+    Example:
+        >>> x = torch.zeros(2, 1, 4, 4)
+        >>> out = apply_patch(x, torch.ones(1, 2, 2), locations=torch.tensor([[0, 0], [2, 1]]))
+        >>> out[1, 0]
+        tensor([[0., 0., 0., 0.],
+                [0., 0., 0., 0.],
+                [0., 1., 1., 0.],
+                [0., 1., 1., 0.]])
+    """
+    if not isinstance(x, Tensor) or x.ndim != 4 or not x.is_floating_point():
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise InputError(f"apply_patch: x must be a floating (B, C, H, W) tensor, got {shape}")
+    if not isinstance(patch, Tensor) or patch.ndim not in (3, 4):
+        shape = tuple(patch.shape) if isinstance(patch, Tensor) else type(patch).__name__
+        raise InputError(f"apply_patch: patch must be (C, h, w) or (B, C, h, w), got {shape}")
+    b, c, hh, ww = x.shape
+    if patch.device != x.device:
+        raise InputError(f"apply_patch: patch is on {patch.device} but x is on {x.device}")
+    p = patch.unsqueeze(0) if patch.ndim == 3 else patch
+    if p.shape[1] != c:
+        raise InputError(f"apply_patch: patch has {p.shape[1]} channels, images have {c}")
+    if p.shape[0] not in (1, b):
+        raise InputError(f"apply_patch: {p.shape[0]} patches for {b} images")
+    p = p.to(x.dtype)
+
+    if mask is not None:
+        if locations is not None:
+            raise InputError("apply_patch: give locations or mask, not both")
+        if p.shape[-2:] != (hh, ww):
+            raise InputError(
+                f"apply_patch: with a mask the patch must be full-size {(hh, ww)}, "
+                f"got {tuple(p.shape[-2:])}"
+            )
+        m = mask.to(device=x.device, dtype=x.dtype)
+        while m.ndim < 4:
+            m = m.unsqueeze(0)
+        return x * (1 - m) + p * m
+
+    h, w = p.shape[-2:]
+    if h > hh or w > ww:
+        raise InputError(f"apply_patch: patch {(h, w)} is larger than the images {(hh, ww)}")
+    if locations is None:
+        locations = random_locations(b, (hh, ww), (h, w), generator, x.device)
+    elif not isinstance(locations, Tensor) or locations.shape != (b, 2):
+        got = tuple(locations.shape) if isinstance(locations, Tensor) else locations
+        raise InputError(f"apply_patch: locations must be a ({b}, 2) tensor, got {got}")
+    loc = locations.to(device=x.device, dtype=torch.long)
+    rows = loc[:, :1] + torch.arange(h, device=x.device)  # (B, h)
+    cols = loc[:, 1:] + torch.arange(w, device=x.device)  # (B, w)
+    bi = torch.arange(b, device=x.device).view(b, 1, 1)
+    index = (bi, rows.view(b, h, 1), cols.view(b, 1, w))
+    values = p.expand(b, c, h, w).permute(0, 2, 3, 1)  # (B, h, w, C)
+    canvas = torch.zeros(b, hh, ww, c, device=x.device, dtype=x.dtype).index_put(index, values)
+    m = torch.zeros(b, hh, ww, 1, device=x.device, dtype=x.dtype)
+    m = m.index_put(index, torch.ones((), device=x.device, dtype=x.dtype).expand(b, h, w, 1))
+    canvas, m = canvas.permute(0, 3, 1, 2), m.permute(0, 3, 1, 2)
+    return x * (1 - m) + canvas * m
+
+
+class RandomPatch:
+    """Uniform-noise patches at random locations: the default source of ``wrapper.loss``.
+
+    It stands in for an adversarial patch until a crafted source is given (see
+    :mod:`triqdef.attacks`), and is the floor every attack is compared against.
+
+    Args:
+        patch_size: side (int) or ``(h, w)``; ``None`` scales with the image: a
+            square of side ``round(0.1875 * min(H, W))`` (6 pixels on 32x32, the
+            paper's CIFAR-10 setting), at least 1.
+        generator: optional random generator.
+    """
+
+    def __init__(self, patch_size=None, generator: torch.Generator | None = None) -> None:
+        self.patch_size = None if patch_size is None else _size2(patch_size)
+        self.generator = generator
+
+    def __repr__(self) -> str:
+        return f"RandomPatch(patch_size={self.patch_size})"
+
+    def size_for(self, image_size: tuple[int, int]) -> tuple[int, int]:
+        """Patch size used on images of ``image_size``."""
+        if self.patch_size is not None:
+            return self.patch_size
+        side = max(1, round(0.1875 * min(image_size)))
+        return side, side
+
+    def __call__(self, x: Tensor, y: Tensor | None = None, wrapper=None) -> Tensor:
+        b, c, hh, ww = x.shape
+        h, w = self.size_for((hh, ww))
+        if h > hh or w > ww:
+            raise InputError(f"RandomPatch: patch {(h, w)} is larger than the images {(hh, ww)}")
+        gen_device = self.generator.device if self.generator is not None else x.device
+        patches = torch.rand(b, c, h, w, generator=self.generator, device=gen_device)
+        return apply_patch(x.detach(), patches.to(x.device, x.dtype), generator=self.generator)

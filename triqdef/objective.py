@@ -1,0 +1,347 @@
+"""The TriQDef objective behind ``wrapper.loss(x, y, patch)``.
+
+``L = L_clean + lambda_adv * L_adv + lambda_fdp * L_FDP + lambda_gpdp * L_GPDP``
+over the wrapper's active bit-widths (paper section 3, Algorithms 1 and 2).
+
+The batch: the last ``round(rho * B)`` samples (at least one, and at least one
+left clean when ``0 < rho < 1``) are patched; the other samples stay clean. A
+batch of one sample is used twice, once clean and once patched. Each bit-width
+runs **one** forward over the mixed batch; ``L_clean`` is the cross-entropy of the
+clean rows and ``L_adv`` of the patched rows, each averaged over bit-widths. FDP
+and GPDP look at the patched rows only (see :mod:`triqdef.losses`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .attacks.patching import PatchSource, apply_patch
+from .errors import InputError, NonFiniteLossError
+from .losses import describe, pair_similarity, penalty
+
+if TYPE_CHECKING:
+    from .wrapper import TriQDefWrapper
+
+__all__ = ["triqdef_loss"]
+
+
+# --- input checks ------------------------------------------------------------------------
+def _check_inputs(w: TriQDefWrapper, x, y, patch) -> None:
+    if not isinstance(x, Tensor) or not x.is_floating_point() or x.ndim != 4:
+        got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+        raise InputError(f"loss: x must be a floating (B, C, H, W) tensor, got {got}")
+    if x.shape[0] == 0 or x.numel() == 0:
+        raise InputError(f"loss: x is empty, shape {tuple(x.shape)}")
+    if not isinstance(y, Tensor) or y.dtype.is_floating_point or y.dtype == torch.bool:
+        got = y.dtype if isinstance(y, Tensor) else type(y).__name__
+        raise InputError(f"loss: y must be an integer tensor of class indices, got {got}")
+    if y.shape != (x.shape[0],):
+        raise InputError(f"loss: y must have shape ({x.shape[0]},), got {tuple(y.shape)}")
+    param = next(w.model.parameters(), None)
+    for name, t in (("x", x), ("y", y)):
+        if param is not None and t.device != param.device:
+            raise InputError(f"loss: {name} is on {t.device} but the model is on {param.device}")
+    if patch is None or isinstance(patch, PatchSource):
+        return
+    if not isinstance(patch, Tensor):
+        raise InputError(
+            "loss: patch must be None, a (C, h, w) or (N, C, h, w) tensor, or a patch source "
+            f"(callable(x, y, wrapper) -> x_adv), got {type(patch).__name__}"
+        )
+    if patch.ndim not in (3, 4) or not patch.is_floating_point() or patch.numel() == 0:
+        raise InputError(
+            f"loss: patch must be a floating (C, h, w) or (N, C, h, w) tensor, got "
+            f"{patch.dtype} {tuple(patch.shape)}"
+        )
+    if patch.device != x.device:
+        raise InputError(f"loss: patch is on {patch.device} but x is on {x.device}")
+    if patch.shape[-3] != x.shape[1]:
+        raise InputError(f"loss: patch has {patch.shape[-3]} channels, x has {x.shape[1]}")
+    if patch.shape[-2] > x.shape[2] or patch.shape[-1] > x.shape[3]:
+        raise InputError(
+            f"loss: patch {tuple(patch.shape[-2:])} is larger than the images {tuple(x.shape[2:])}"
+        )
+
+
+def _explain_bad_values(x: Tensor, y: Tensor, x_adv: Tensor, num_classes: int) -> str:
+    if not torch.isfinite(x).all():
+        return "x contains NaN or Inf"
+    if not torch.isfinite(x_adv).all():
+        return "the patch (or the patched images) contains NaN or Inf"
+    lo, hi = int(y.min()), int(y.max())
+    return f"labels must be in [0, {num_classes}), got values in [{lo}, {hi}]"
+
+
+# --- state that a failed call must not change ---------------------------------------------
+class _Snapshot:
+    """Copies of every buffer of the wrapper (observers, BN statistics), restorable in place."""
+
+    def __init__(self, w: TriQDefWrapper) -> None:
+        self.saved = [(b, b.clone()) for b in w.buffers()]
+        self.kinds = [(q, list(q._kind_cache)) for q in w.quantizers.values()]
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for b, v in self.saved:
+                b.copy_(v)
+        for q, kinds in self.kinds:
+            q._kind_cache = kinds
+
+
+def _rng_states(device: torch.device):
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_states(states, device: torch.device) -> None:
+    torch.set_rng_state(states[0])
+    if states[1] is not None:
+        torch.cuda.set_rng_state(states[1], device)
+
+
+# --- the batch -------------------------------------------------------------------------------
+def _mix(w: TriQDefWrapper, x: Tensor, y: Tensor, patch) -> tuple[Tensor, Tensor, int]:
+    """Mixed batch ``[clean rows; patched rows]``, its labels and the number of clean rows."""
+    b = x.shape[0]
+    if w.rho == 0:
+        return x, y, b
+    if b == 1:
+        src_x, src_y, clean_x, clean_y = x, y, x, y
+    else:
+        n_adv = b if w.rho == 1 else min(max(round(w.rho * b), 1), b - 1)
+        cut = b - n_adv
+        src_x, src_y, clean_x, clean_y = x[cut:], y[cut:], x[:cut], y[:cut]
+    if patch is None:
+        patch = w.patch_source
+    if isinstance(patch, Tensor):
+        if patch.ndim == 4 and patch.shape[0] != src_x.shape[0]:
+            pick = torch.randint(0, patch.shape[0], (src_x.shape[0],), device=patch.device)
+            patch = patch[pick]
+        x_adv = apply_patch(src_x, patch)
+    else:
+        x_adv = patch(src_x, src_y, w)
+        if not isinstance(x_adv, Tensor) or x_adv.shape != src_x.shape:
+            got = tuple(x_adv.shape) if isinstance(x_adv, Tensor) else type(x_adv).__name__
+            raise InputError(
+                f"loss: the patch source returned {got}, expected images of shape "
+                f"{tuple(src_x.shape)}"
+            )
+        x_adv = x_adv.to(x.dtype)
+    return torch.cat([clean_x, x_adv]), torch.cat([clean_y, src_y]), clean_x.shape[0]
+
+
+# --- one bit-width ---------------------------------------------------------------------------
+def _run_bit(
+    w: TriQDefWrapper, bits: int, x_in: Tensor, y: Tensor, n_clean: int, graph: bool, check=None
+):
+    """Forward at ``bits``; returns (logits, CE clean, CE adv, feature descriptors, gradient
+    descriptors). With ``graph=False`` the input gradient is taken without a double-backward
+    graph (values only). ``check=x`` validates values and labels right after the forward."""
+    fdp, gpdp = w.lambda_fdp != 0, w.lambda_gpdp != 0
+    with w.at_bits(bits), w._taps.capture() if fdp else contextlib.nullcontext():
+        logits = w.model(x_in)
+        feats = w._taps.pop() if fdp else {}
+    if check is not None:
+        _check_values(logits, check, y, x_in, n_clean)
+    zero = logits.new_zeros(())
+    n_adv = logits.shape[0] - n_clean
+    ce_clean = F.cross_entropy(logits[:n_clean], y[:n_clean]) if n_clean else zero
+    ce_adv = F.cross_entropy(logits[n_clean:], y[n_clean:]) if n_adv else zero
+    f_desc = []
+    if fdp and n_adv:
+        f_desc = [describe(feats[name][n_clean:], w.descriptor) for name in w.layers]
+    g_desc = None
+    if gpdp and n_adv:
+        ce_sum = F.cross_entropy(logits[n_clean:], y[n_clean:], reduction="sum")
+        (g,) = torch.autograd.grad(ce_sum, x_in, create_graph=graph)
+        g_desc = describe(g[n_clean:], w.descriptor)
+    return logits, ce_clean, ce_adv, f_desc, g_desc
+
+
+def _feature_sims(f_desc, partners=None, alpha=0.5, beta=1.0) -> list[Tensor]:
+    """(K, K) similarity per tapped layer from per-bit descriptor lists ``[bit][layer]``."""
+    n_layers = len(f_desc[0]) if f_desc else 0
+    out = []
+    for layer in range(n_layers):
+        a = [d[layer] for d in f_desc]
+        b = None if partners is None else [d[layer] for d in partners]
+        out.append(pair_similarity(a, b, alpha, beta))
+    return out
+
+
+class _Replay(torch.autograd.Function):
+    """Memory-bounded backward: re-run one bit-width at a time, partners detached."""
+
+    @staticmethod
+    def forward(ctx, value, replay, *tensors):
+        ctx.replay = replay
+        return value.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grads = ctx.replay.gradients(grad_out)
+        ctx.replay = None
+        return (None, None, *grads)
+
+
+class _ReplayState:
+    def __init__(self, w, bits, x_mixed, y, n_clean, rng, f_desc, g_desc, tensors, x_index):
+        self.w, self.bits, self.x, self.y, self.n_clean = w, bits, x_mixed, y, n_clean
+        self.rng, self.f_desc, self.g_desc = rng, f_desc, g_desc
+        self.tensors, self.x_index = tensors, x_index
+
+    def gradients(self, grad_out: Tensor) -> list[Tensor | None]:
+        w, k = self.w, len(self.bits)
+        device = self.x.device
+        needs_x = self.x_index is not None or w.lambda_gpdp != 0
+        grads: list[Tensor | None] = [None] * len(self.tensors)
+        params = [t for i, t in enumerate(self.tensors) if i != self.x_index]
+        snapshot = _Snapshot(w)
+        outer_rng = _rng_states(device)
+        w._ctx.observe = False
+        try:
+            with torch.enable_grad():
+                for i, bits in enumerate(self.bits):
+                    _set_rng_states(self.rng[i], device)
+                    x_in = self.x.detach().requires_grad_(needs_x)
+                    _, ce_clean, ce_adv, f_desc, g_desc = _run_bit(
+                        w, bits, x_in, self.y, self.n_clean, graph=True
+                    )
+                    loss = (ce_clean + w.lambda_adv * ce_adv) / k
+                    if f_desc:
+                        mine = [f_desc if j == i else d for j, d in enumerate(self.f_desc)]
+                        for sim in _feature_sims(mine, self.f_desc, w.alpha, w.beta):
+                            loss = loss + w.lambda_fdp * penalty(sim, w.pairs, only=i)
+                    if g_desc is not None:
+                        mine = [g_desc if j == i else d for j, d in enumerate(self.g_desc)]
+                        sim = pair_similarity(mine, self.g_desc, w.alpha, w.beta)
+                        loss = loss + w.lambda_gpdp * penalty(sim, w.pairs, only=i)
+                    inputs = params + ([x_in] if self.x_index is not None else [])
+                    got = torch.autograd.grad(loss * grad_out, inputs, allow_unused=True)
+                    got = list(got)
+                    if self.x_index is not None:
+                        got.insert(self.x_index, got.pop())
+                    for j, g in enumerate(got):
+                        if g is not None:
+                            grads[j] = g if grads[j] is None else grads[j] + g
+        finally:
+            w._ctx.observe = True
+            snapshot.restore()  # BN running statistics moved once, in the forward pass
+            _set_rng_states(outer_rng, device)
+        return grads
+
+
+def triqdef_loss(w: TriQDefWrapper, x: Tensor, y: Tensor, patch=None) -> Tensor:
+    """See :meth:`TriQDefWrapper.loss`."""
+    w._check_attached()
+    _check_inputs(w, x, y, patch)
+    bits = w.active_bits
+    snapshot = _Snapshot(w)
+    try:
+        x_mixed, y_mixed, n_clean = _mix(w, x, y, patch)
+        if w._recent is not None:
+            w._recent.append(x.detach())
+        if w.memory_bounded:
+            return _memory_bounded(w, bits, x, x_mixed, y_mixed, n_clean)
+        return _exact(w, bits, x, x_mixed, y_mixed, n_clean)
+    except BaseException:
+        snapshot.restore()
+        raise
+
+
+def _check_values(logits, x, y_mixed, x_mixed, n_clean) -> None:
+    c = logits.shape[1]
+    ok = torch.isfinite(x).all() & torch.isfinite(x_mixed[n_clean:]).all()
+    ok = ok & (y_mixed >= 0).all() & (y_mixed < c).all()
+    if not bool(ok):  # the one host synchronisation of the input checks
+        raise InputError("loss: " + _explain_bad_values(x, y_mixed, x_mixed[n_clean:], c))
+
+
+def _needs_input_grad(w) -> bool:
+    return w.lambda_gpdp != 0
+
+
+def _exact(w, bits, x, x_mixed, y_mixed, n_clean) -> Tensor:
+    gpdp = _needs_input_grad(w)
+    x_in = x_mixed
+    if gpdp and not x_in.requires_grad:
+        x_in = x_in.detach().requires_grad_()
+    ce_clean, ce_adv, f_desc, g_desc = {}, {}, [], []
+    grad_ctx = torch.enable_grad() if gpdp else contextlib.nullcontext()
+    with grad_ctx:
+        for i, b in enumerate(bits):
+            _, ce_clean[b], ce_adv[b], fd, gd = _run_bit(
+                w, b, x_in, y_mixed, n_clean, graph=True, check=x if i == 0 else None
+            )
+            f_desc.append(fd)
+            g_desc.append(gd)
+        return _combine(w, bits, ce_clean, ce_adv, f_desc, g_desc, x_mixed.shape[0] - n_clean)
+
+
+def _combine(w, bits, ce_clean, ce_adv, f_desc, g_desc, n_adv) -> Tensor:
+    k = len(bits)
+    clean = torch.stack(list(ce_clean.values())).mean()
+    adv = torch.stack(list(ce_adv.values())).mean()
+    total = clean + w.lambda_adv * adv
+    terms = {"total": None, "clean": clean, "adv": adv}
+    for b in bits:
+        terms[f"clean/{b}"], terms[f"adv/{b}"] = ce_clean[b], ce_adv[b]
+    sims = {}
+    if w.lambda_fdp != 0 and n_adv and w.layers:
+        layer_sims = _feature_sims(f_desc, None, w.alpha, w.beta)
+        fdp = sum(penalty(s, w.pairs) for s in layer_sims)
+        total = total + w.lambda_fdp * fdp
+        terms["fdp"] = fdp
+        sims["fdp"] = sum(layer_sims)
+    if w.lambda_gpdp != 0 and n_adv:
+        sim = pair_similarity(g_desc, None, w.alpha, w.beta)
+        gpdp = penalty(sim, w.pairs)
+        total = total + w.lambda_gpdp * gpdp
+        terms["gpdp"] = gpdp
+        sims["gpdp"] = sim
+    for name, sim in sims.items():
+        for i in range(k):
+            for j in range(i + 1, k):
+                terms[f"{name}/{bits[i]}-{bits[j]}"] = sim[i, j]
+    terms["total"] = total
+    w._last_terms = {name: t.detach() for name, t in terms.items()}
+    if w.check_finite and not bool(torch.isfinite(total)):
+        # name the most specific culprit: a per-bit term before the aggregates
+        order = sorted((n for n in terms if n != "total"), key=lambda n: "/" not in n)
+        bad = next((n for n in order if not torch.isfinite(terms[n]).all()), "total")
+        where = f" at {bad.split('/')[1]} bits" if bad.count("/") and "-" not in bad else ""
+        raise NonFiniteLossError(
+            f"loss: the {bad.split('/')[0]!r} term{where} is not finite "
+            f"({float(terms[bad].detach())}); weights, observers and BatchNorm statistics are unchanged"
+        )
+    return total
+
+
+def _memory_bounded(w, bits, x, x_mixed, y_mixed, n_clean) -> Tensor:
+    gpdp = _needs_input_grad(w)
+    device = x_mixed.device
+    ce_clean, ce_adv, f_desc, g_desc, rng = {}, {}, [], [], []
+    for i, b in enumerate(bits):
+        rng.append(_rng_states(device))
+        x_in = x_mixed.detach().requires_grad_(gpdp)
+        with torch.enable_grad() if gpdp else torch.no_grad():
+            logits, c, a, fd, gd = _run_bit(
+                w, b, x_in, y_mixed, n_clean, graph=False, check=x if i == 0 else None
+            )
+        ce_clean[b], ce_adv[b] = c.detach(), a.detach()
+        f_desc.append([d.detach() for d in fd])
+        g_desc.append(gd.detach() if gd is not None else None)
+        del logits, c, a, fd, gd, x_in
+    value = _combine(w, bits, ce_clean, ce_adv, f_desc, g_desc, x_mixed.shape[0] - n_clean)
+    tensors = [p for p in w.parameters() if p.requires_grad]
+    x_index = None
+    if x_mixed.requires_grad:
+        x_index = len(tensors)
+        tensors.append(x_mixed)
+    replay = _ReplayState(w, bits, x_mixed, y_mixed, n_clean, rng, f_desc, g_desc, tensors, x_index)
+    return _Replay.apply(value, replay, *tensors)
