@@ -317,7 +317,8 @@ def _combine(w, bits, ce_clean, ce_adv, f_desc, g_desc, n_adv) -> Tensor:
         where = f" at {bad.split('/')[1]} bits" if bad.count("/") and "-" not in bad else ""
         raise NonFiniteLossError(
             f"loss: the {bad.split('/')[0]!r} term{where} is not finite "
-            f"({float(terms[bad].detach())}); weights, observers and BatchNorm statistics are unchanged"
+            f"({float(terms[bad].detach())}); weights, observers and BatchNorm statistics "
+            "are unchanged"
         )
     return total
 
