@@ -13,7 +13,12 @@ from triqdef.models import MLP, resnet20, resnet56
 
 def _vit() -> nn.Module:
     vit = torchvision.models.VisionTransformer(
-        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64,
+        image_size=32,
+        patch_size=8,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=32,
+        mlp_dim=64,
         num_classes=10,
     )
     nn.init.normal_(vit.heads.head.weight, std=0.1)  # torchvision starts the head at zero
@@ -30,10 +35,18 @@ def _vgg11_bn() -> nn.Module:
 
 # name -> (constructor, input shape, tapped layers, expected number of quantized layers)
 ARCHS = {
-    "resnet18": (lambda: torchvision.models.resnet18(num_classes=10), (2, 3, 32, 32),
-                 ["layer1", "layer2"], 21),
-    "mobilenet_v2": (lambda: torchvision.models.mobilenet_v2(num_classes=10), (2, 3, 32, 32),
-                     ["features.3"], 53),
+    "resnet18": (
+        lambda: torchvision.models.resnet18(num_classes=10),
+        (2, 3, 32, 32),
+        ["layer1", "layer2"],
+        21,
+    ),
+    "mobilenet_v2": (
+        lambda: torchvision.models.mobilenet_v2(num_classes=10),
+        (2, 3, 32, 32),
+        ["features.3"],
+        53,
+    ),
     "vgg11_bn": (_vgg11_bn, (2, 3, 32, 32), ["features.3"], 10),
     "resnet20": (resnet20, (4, 3, 32, 32), ["layer1", "layer2", "layer3"], 20),
     "resnet56": (resnet56, (2, 3, 32, 32), ["layer1", "layer2"], 56),

@@ -176,9 +176,7 @@ def test_interrupted_save_leaves_the_old_file(tmp_path, monkeypatch):
 
 # --- export ----------------------------------------------------------------------------------
 def _no_triqdef_hooks(model: nn.Module) -> bool:
-    return all(
-        not m._forward_pre_hooks and not m._forward_hooks for m in model.modules()
-    )
+    return all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
 
 
 @pytest.mark.parametrize("bits", BITS)

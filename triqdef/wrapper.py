@@ -335,7 +335,9 @@ class TriQDefWrapper(nn.Module):
         self.active_bits = chosen
         return self
 
-    def loss(self, x: torch.Tensor, y: torch.Tensor, patch=None) -> torch.Tensor:
+    def loss(
+        self, x: torch.Tensor, y: torch.Tensor, patch: torch.Tensor | PatchSource | None = None
+    ) -> torch.Tensor:
         """The TriQDef training loss over the active bit-widths.
 
         ``L = L_clean + lambda_adv * L_adv + lambda_fdp * L_FDP + lambda_gpdp * L_GPDP``

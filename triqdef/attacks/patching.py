@@ -167,7 +167,11 @@ class RandomPatch:
         generator: optional random generator.
     """
 
-    def __init__(self, patch_size=None, generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self,
+        patch_size: int | tuple[int, int] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
         self.patch_size = None if patch_size is None else _size2(patch_size)
         self.generator = generator
 

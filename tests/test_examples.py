@@ -1,0 +1,54 @@
+"""The examples: the three-line promise, and that they run."""
+
+from __future__ import annotations
+
+import difflib
+import subprocess
+import sys
+from pathlib import Path
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def _code(path: Path) -> list[str]:
+    """Lines after the module docstring."""
+    text = path.read_text()
+    end = text.index('"""', 3) + 3
+    return text[end:].splitlines()
+
+
+def test_train_after_adds_three_lines_and_changes_the_loss_line():
+    before, after = _code(EXAMPLES / "train_before.py"), _code(EXAMPLES / "train_after.py")
+    added, removed = [], []
+    for line in difflib.unified_diff(before, after, n=0, lineterm=""):
+        if line.startswith("+") and not line.startswith("+++"):
+            added.append(line[1:].strip())
+        elif line.startswith("-") and not line.startswith("---"):
+            removed.append(line[1:].strip())
+    assert removed == ["loss = torch.nn.functional.cross_entropy(model(x), y)"]
+    assert sorted(added) == sorted(
+        [
+            'model = triqdef.TriQDefWrapper(model, layers=["block1", "block2"])',
+            "schedule = triqdef.BACTSchedule(model, total=args.epochs)",
+            "loss = model.loss(x, y)",
+            "schedule.step()",
+        ]
+    )
+
+
+def test_train_after_runs():
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(EXAMPLES / "train_after.py"),
+            "--epochs",
+            "2",
+            "--steps-per-epoch",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    assert "epoch 1: loss" in out.stdout
