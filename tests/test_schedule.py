@@ -108,3 +108,15 @@ def test_load_state_dict_of_another_schedule_is_refused():
     s = BACTSchedule(w, milestones=(1, 2, 3))
     with pytest.raises(ConfigError, match="stages"):
         s.load_state_dict(BACTSchedule(_wrapper(), milestones=(5, 6, 7)).state_dict())
+
+
+def test_failed_loss_calls_do_not_enter_the_calibration_window():
+    w = _wrapper()
+    BACTSchedule(w)
+    x, y = _batch()
+    w.loss(x, y)
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError):
+        w.loss(bad, y)
+    assert len(w._recent) == 1 and w._recent[0] is not bad

@@ -244,14 +244,16 @@ def triqdef_loss(w: TriQDefWrapper, x: Tensor, y: Tensor, patch=None) -> Tensor:
     snapshot = _Snapshot(w)
     try:
         x_mixed, y_mixed, n_clean = _mix(w, x, y, patch)
-        if w._recent is not None:
-            w._recent.append(x.detach())
         if w.memory_bounded:
-            return _memory_bounded(w, bits, x, x_mixed, y_mixed, n_clean)
-        return _exact(w, bits, x, x_mixed, y_mixed, n_clean)
+            loss = _memory_bounded(w, bits, x, x_mixed, y_mixed, n_clean)
+        else:
+            loss = _exact(w, bits, x, x_mixed, y_mixed, n_clean)
     except BaseException:
         snapshot.restore()
         raise
+    if w._recent is not None:  # a bounded window of recent inputs, for BACT calibration
+        w._recent.append(x.detach())
+    return loss
 
 
 def _check_values(logits, x, y_mixed, x_mixed, n_clean) -> None:
