@@ -407,3 +407,9 @@ def test_exclude_keeps_layers_in_full_precision():
     with w.at_bits(2):
         w(torch.randn(4, 8))
     assert torch.equal(seen["w"], net.fc.weight.detach())
+
+
+def test_per_bit_state_is_created_on_the_models_device():
+    net = tiny_cnn().to("meta")  # stands in for an accelerator: no data, real devices
+    w = TriQDefWrapper(net, bits=(32, 4))
+    assert {b.device.type for b in w.buffers()} == {"meta"}

@@ -163,6 +163,7 @@ class LayerQuantizer(nn.Module):
             channel when the layer runs (``("", "weight")`` for Conv/Linear).
         num_inputs: how many leading positional inputs are activation-quantized.
         momentum: weight of the new batch in the moving average.
+        device: where the buffers live (the layer's device).
     """
 
     def __init__(
@@ -171,12 +172,13 @@ class LayerQuantizer(nn.Module):
         weights: tuple[tuple[str, str], ...] = (("", "weight"),),
         num_inputs: int = 1,
         momentum: float = 0.1,
+        device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
         k = len(ctx.qbits)
-        self.register_buffer("act_min", torch.zeros(k))
-        self.register_buffer("act_max", torch.zeros(k))
-        self.register_buffer("act_kind", torch.zeros(k, dtype=torch.uint8))
+        self.register_buffer("act_min", torch.zeros(k, device=device))
+        self.register_buffer("act_max", torch.zeros(k, device=device))
+        self.register_buffer("act_kind", torch.zeros(k, dtype=torch.uint8, device=device))
         self._ctx = ctx
         self.weights = weights
         self.num_inputs = num_inputs

@@ -65,6 +65,12 @@ def _check_names(model: nn.Module, names, what: str) -> tuple[str, ...]:
     return names
 
 
+def _device_of(module: nn.Module) -> torch.device | None:
+    """The device of a module's first parameter (its buffers follow it)."""
+    p = next(module.parameters(), None)
+    return None if p is None else p.device
+
+
 def _quant_points(model: nn.Module, exclude: tuple[str, ...]) -> dict[str, tuple]:
     """Map layer name -> (weights, num_inputs) for every layer to quantize."""
 
@@ -225,9 +231,12 @@ class TriQDefWrapper(nn.Module):
         self._detached = False
         self._taps = FeatureTaps(layers)
         self._handles: list = []
+        modules = dict(model.named_modules())
         self.quantizers = nn.ModuleDict(
             {
-                _key(name): LayerQuantizer(self._ctx, weights, n, momentum)
+                _key(name): LayerQuantizer(
+                    self._ctx, weights, n, momentum, device=_device_of(modules[name])
+                )
                 for name, (weights, n) in points.items()
             }
         )

@@ -1,0 +1,588 @@
+"""An offline pool of adversarial patches: crafted once, sampled during training, saved to disk."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import numbers
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import CheckpointError, ConfigError, InputError
+from .base import (
+    _int,
+    _is_wrapper,
+    _size2,
+    check_images,
+    draw_in_range,
+    progress_bar,
+    region_bounds,
+    resolve_region,
+)
+from .gap import AdversarialPatch
+from .lavan import LAVAN
+from .patching import apply_patch
+
+__all__ = ["PatchPool", "POOL_FORMAT", "POOL_FORMAT_VERSION"]
+
+POOL_FORMAT = "triqdef-patch-pool"
+POOL_FORMAT_VERSION = "1"
+_ATTACKS = {"lavan": LAVAN, "gap": AdversarialPatch}
+
+
+def _norm_meta(meta: dict, patch: Tensor, error=ConfigError) -> dict:
+    """Check one patch's metadata and fill the derived fields."""
+    if not isinstance(meta, dict):
+        raise error(f"patch metadata must be a dict, got {type(meta).__name__}")
+    out = dict(meta)
+    size = tuple(patch.shape[-2:])
+    if "size" in out and tuple(_size2(out["size"], "metadata size", error)) != size:
+        raise error(f"metadata size {out['size']} does not match the patch {size}")
+    out["size"] = list(size)
+    bits = out.get("bits", 32)
+    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or not 2 <= bits <= 32:
+        raise error(f"metadata bits must be an int in [2, 32], got {bits!r}")
+    out["bits"] = int(bits)
+    target = out.get("target")
+    if target is not None and (
+        isinstance(target, bool) or not isinstance(target, numbers.Integral) or target < 0
+    ):
+        raise error(f"metadata target must be None or a class index, got {target!r}")
+    out["target"] = None if target is None else int(target)
+    name, box = resolve_region(out.get("box", out.get("region")), error)
+    out["region"], out["box"] = name, list(box)
+    attack = out.get("attack", "custom")
+    if not isinstance(attack, str):
+        raise error(f"metadata attack must be a str, got {attack!r}")
+    out["attack"] = attack
+    return out
+
+
+def _gather(data, needed: int) -> tuple[Tensor, Tensor]:
+    """Collect at least ``needed`` images (or all there are) from batches or an (x, y) pair."""
+    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], Tensor):
+        if data[0].ndim == 4:
+            data = [data]
+    xs, ys, count = [], [], 0
+    try:
+        iterator = iter(data)
+    except TypeError:
+        raise InputError(f"data must be an iterable of (x, y) batches, got {data!r}") from None
+    for batch in iterator:
+        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+            raise InputError(f"each batch must be (x, y, ...), got {type(batch).__name__}")
+        x, y = batch[0], batch[1]
+        check_images(x)
+        if not isinstance(y, Tensor) or y.shape != (x.shape[0],):
+            raise InputError(f"labels must be a ({x.shape[0]},) tensor, got {y!r:.60}")
+        xs.append(x.detach())
+        ys.append(y.detach().long().to(x.device))
+        count += x.shape[0]
+        if count >= needed:
+            break
+    if not xs:
+        raise InputError("data yielded no batch")
+    return torch.cat(xs), torch.cat(ys)
+
+
+class PatchPool:
+    """A pool of adversarial patches with their metadata, and a patch source drawing from it.
+
+    The paper's default patch source (section 4.1): patches crafted offline on
+    the full-precision model, diverse in size, position and target class.
+    ``pool(x, y, wrapper)`` pastes one random pool patch per image at a random
+    location inside the region the patch was crafted for; patches of different
+    sizes in one batch are handled by grouping the images by patch size.
+
+    Each patch has a metadata dict: ``size`` ``[h, w]``, ``bits`` (generation
+    bit-width), ``target`` (``None`` = untargeted), ``region`` (region name or
+    ``None`` for a custom box), ``box`` (``[top, left, bottom, right]``
+    fractions), ``attack`` and, when known, ``location`` (``[row, col]`` where
+    it was crafted) and ``image_size``.
+
+    Args:
+        patches: patches ``(C, h, w)`` with values in [0, 1], all with the same ``C``.
+        metadata: one dict per patch (missing fields get defaults: 32 bits,
+            untargeted, region ``"any"``, attack ``"custom"``).
+        generator: random generator of :meth:`__call__` and :meth:`sample`.
+        seed: seed of a generator created on the input's device instead.
+
+    Attributes:
+        patches: list of ``(C, h, w)`` CPU float tensors.
+        metadata: list of dicts, one per patch.
+        locations: ``(B, 2)`` corners of the last call.
+        indices: ``(B,)`` pool index of each image's patch in the last call.
+
+    Shape:
+        - patches: (C, h, w) each, sizes may differ
+        - call: x (B, C, H, W) in [0, 1] -> (B, C, H, W)
+
+    Example:
+        >>> pool = PatchPool([torch.rand(1, 3, 3), torch.rand(1, 5, 5)],
+        ...                  [{"region": "top-left"}, {"bits": 8}], seed=0)
+        >>> x_adv = pool(torch.zeros(6, 1, 12, 12), torch.zeros(6, dtype=torch.long))
+        >>> x_adv.shape, pool.is_seen(size=3), pool.is_seen(size=4), pool.is_seen(bits=4)
+        (torch.Size([6, 1, 12, 12]), True, False, False)
+    """
+
+    def __init__(
+        self,
+        patches: Sequence[Tensor],
+        metadata: Sequence[dict] | None = None,
+        *,
+        generator: torch.Generator | None = None,
+        seed: int | None = None,
+    ) -> None:
+        patches = list(patches)
+        if not patches:
+            raise ConfigError("a PatchPool needs at least one patch")
+        metadata = [{} for _ in patches] if metadata is None else list(metadata)
+        if len(metadata) != len(patches):
+            raise ConfigError(f"{len(patches)} patches but {len(metadata)} metadata dicts")
+        clean = []
+        for i, p in enumerate(patches):
+            if not isinstance(p, Tensor) or p.ndim != 3 or not p.is_floating_point():
+                got = f"{p.dtype} {tuple(p.shape)}" if isinstance(p, Tensor) else p
+                raise InputError(f"patch {i} must be a floating (C, h, w) tensor, got {got}")
+            p = p.detach().to("cpu", torch.float32).contiguous()
+            if p.numel() == 0 or not bool(((p >= 0) & (p <= 1)).all()):
+                raise InputError(f"patch {i} must be non-empty with values in [0, 1]")
+            clean.append(p)
+        channels = {p.shape[0] for p in clean}
+        if len(channels) > 1:
+            raise InputError(f"all patches must have the same channel count, got {channels}")
+        if generator is not None and seed is not None:
+            raise ConfigError("give generator= or seed=, not both")
+        self.patches = clean
+        self.metadata = [_norm_meta(m, p) for m, p in zip(metadata, clean)]
+        self.generator, self.seed = generator, None if seed is None else _int("seed", seed, 0)
+        self._generators: dict[str, torch.Generator] = {}
+        self._cache: dict = {}
+        self.locations: Tensor | None = None
+        self.indices: Tensor | None = None
+
+    # --- description ------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.patches)
+
+    def __repr__(self) -> str:
+        return (
+            f"PatchPool({len(self)} patches, sizes={sorted(self.sizes)}, bits={sorted(self.bits)}, "
+            f"targets={sorted(self.targets, key=lambda t: -1 if t is None else t)}, "
+            f"regions={sorted(self.regions)}, attacks={sorted(self.attacks)})"
+        )
+
+    @property
+    def channels(self) -> int:
+        """Channel count of the patches."""
+        return self.patches[0].shape[0]
+
+    @property
+    def sizes(self) -> set[tuple[int, int]]:
+        """Patch sizes ``(h, w)`` in the pool."""
+        return {tuple(m["size"]) for m in self.metadata}
+
+    @property
+    def bits(self) -> set[int]:
+        """Generation bit-widths in the pool."""
+        return {m["bits"] for m in self.metadata}
+
+    @property
+    def targets(self) -> set[int | None]:
+        """Target classes in the pool (``None`` = untargeted)."""
+        return {m["target"] for m in self.metadata}
+
+    @property
+    def regions(self) -> set[tuple[float, ...]]:
+        """Location regions (boxes) in the pool."""
+        return {tuple(m["box"]) for m in self.metadata}
+
+    @property
+    def attacks(self) -> set[str]:
+        """Names of the attacks that made the pool."""
+        return {m["attack"] for m in self.metadata}
+
+    def is_seen(
+        self,
+        size: int | tuple[int, int] | None = None,
+        bits: int | None = None,
+        region: str | tuple[float, float, float, float] | None = None,
+    ) -> bool:
+        """Whether a configuration was used to build the pool ("seen" in evaluation).
+
+        Each given attribute is checked on its own: the result is ``True`` when
+        every given one (patch size, generation bit-width, location region)
+        occurs in the pool; ``None`` means "any". Unseen = a size, bit-width or
+        region not used to build the pool.
+
+        Args:
+            size: an int or ``(h, w)``.
+            bits: a bit-width.
+            region: a region name or ``(top, left, bottom, right)`` box.
+
+        Returns:
+            ``True`` if seen.
+
+        Example:
+            >>> pool = PatchPool([torch.rand(3, 4, 4)], [{"bits": 32, "region": "center"}])
+            >>> pool.is_seen(size=4, bits=32), pool.is_seen(region="top-left")
+            (True, False)
+        """
+        if size is not None and _size2(size, "size", InputError) not in self.sizes:
+            return False
+        if bits is not None and bits not in self.bits:
+            return False
+        if region is not None:
+            _, box = resolve_region(region, InputError)
+            if box not in self.regions:
+                return False
+        return True
+
+    # --- randomness -------------------------------------------------------------------
+    def _gen(self, device: torch.device, generator=None) -> torch.Generator | None:
+        if generator is not None:
+            return generator
+        if self.generator is not None:
+            return self.generator
+        if self.seed is None:
+            return None
+        key = str(device)
+        if key not in self._generators:
+            self._generators[key] = torch.Generator(device=device)
+            self._generators[key].manual_seed(self.seed)
+        return self._generators[key]
+
+    def _rand(self, shape, device, generator=None) -> Tensor:
+        g = self._gen(torch.device(device), generator)
+        where = g.device if g is not None else device
+        return torch.rand(shape, generator=g, device=where, dtype=torch.float64).to(device)
+
+    def reseed(self, seed: int | None = None) -> None:
+        """Restart the random stream (from ``seed``, or the pool's seed)."""
+        if seed is not None:
+            self.seed, self.generator = _int("seed", seed, 0), None
+        self._generators.clear()
+
+    # --- use --------------------------------------------------------------------------
+    def sample(self, n: int, generator: torch.Generator | None = None) -> list[tuple[Tensor, dict]]:
+        """Draw ``n`` patches (with replacement) and their metadata.
+
+        Args:
+            n: how many.
+            generator: optional generator (default: the pool's).
+
+        Returns:
+            ``n`` pairs ``(patch (C, h, w), metadata dict)``.
+        """
+        n = _int("n", n, 0, InputError)
+        u = self._rand((n,), "cpu" if generator is None else generator.device, generator)
+        idx = torch.floor(u * len(self)).long().clamp_(max=len(self) - 1).tolist()
+        return [(self.patches[i], dict(self.metadata[i])) for i in idx]
+
+    def to_batch(self, device=None, dtype=torch.float32) -> dict[tuple[int, int], Tensor]:
+        """The patches stacked per size: ``{(h, w): (N_s, C, h, w)}``."""
+        groups: dict[tuple[int, int], list[Tensor]] = {}
+        for p in self.patches:
+            groups.setdefault(tuple(p.shape[-2:]), []).append(p)
+        return {k: torch.stack(v).to(device, dtype) for k, v in groups.items()}
+
+    def _layout(self, image_size, device, dtype):
+        key = (tuple(image_size), str(device), dtype)
+        if key not in self._cache:
+            hh, ww = image_size
+            fits = [i for i, p in enumerate(self.patches) if p.shape[1] <= hh and p.shape[2] <= ww]
+            if not fits:
+                raise InputError(f"no pool patch fits in images of size {(hh, ww)}")
+            groups: dict[tuple[int, int], list[int]] = {}
+            for i in fits:
+                groups.setdefault(tuple(self.patches[i].shape[-2:]), []).append(i)
+            size_id = torch.full((len(self),), -1, dtype=torch.long)
+            local = torch.zeros(len(self), dtype=torch.long)
+            stacks = []
+            for g, members in enumerate(groups.values()):
+                size_id[members] = g
+                local[members] = torch.arange(len(members))
+                stacks.append(torch.stack([self.patches[i] for i in members]).to(device, dtype))
+            bounds = torch.tensor(
+                [
+                    region_bounds(m["box"], (hh, ww), tuple(m["size"])) if i in fits else (0,) * 4
+                    for i, m in enumerate(self.metadata)
+                ],
+                dtype=torch.long,
+            )
+            self._cache[key] = (
+                torch.tensor(fits, device=device),
+                size_id.to(device),
+                local.to(device),
+                stacks,
+                bounds.to(device),
+            )
+        return self._cache[key]
+
+    def __call__(
+        self,
+        x: Tensor,
+        y: Tensor | None = None,
+        wrapper: nn.Module | None = None,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Paste one random pool patch per image, inside its region (a patch source).
+
+        Args:
+            x: images ``(B, C, H, W)`` in [0, 1].
+            y: labels (unused; accepted so the pool is a patch source).
+            wrapper: unused.
+            generator: optional generator (default: the pool's).
+
+        Returns:
+            Patched images ``(B, C, H, W)``; :attr:`indices` and :attr:`locations`
+            record what went where.
+
+        Raises:
+            InputError: bad ``x``, a channel mismatch, or no patch fits the images.
+        """
+        check_images(x)
+        if x.shape[1] != self.channels:
+            raise InputError(
+                f"the pool's patches have {self.channels} channels, x has {x.shape[1]}"
+            )
+        b, dev = x.shape[0], x.device
+        fits, size_id, local, stacks, bounds = self._layout(tuple(x.shape[-2:]), dev, x.dtype)
+        u = self._rand((b, 3), dev, generator)
+        idx = fits[torch.floor(u[:, 0] * len(fits)).long().clamp_(max=len(fits) - 1)]
+        bnd = bounds[idx]
+        loc = torch.stack(
+            [
+                draw_in_range(bnd[:, 0], bnd[:, 1], u[:, 1]),
+                draw_in_range(bnd[:, 2], bnd[:, 3], u[:, 2]),
+            ],
+            dim=1,
+        )
+        out = x.detach().clone()
+        group = size_id[idx]
+        for g, stack in enumerate(stacks):
+            rows = (group == g).nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue
+            patched = apply_patch(out[rows], stack[local[idx[rows]]], loc[rows])
+            out.index_copy_(0, rows, patched)
+        self.indices, self.locations = idx, loc
+        return out
+
+    # --- building ---------------------------------------------------------------------
+    @classmethod
+    def build(
+        cls,
+        model: nn.Module,
+        data: Iterable,
+        sizes: Sequence = (4, 6, 8),
+        n_patches: int | None = None,
+        targets: Sequence[int | None] = (None,),
+        regions: Sequence | None = None,
+        bits: int | Sequence[int] = 32,
+        attack: str = "lavan",
+        steps: int = 100,
+        step_size: float | None = None,
+        seed: int = 0,
+        batch_size: int = 128,
+        progress: bool = False,
+        **attack_kwargs: Any,
+    ) -> PatchPool:
+        """Craft a diverse pool of patches on ``model`` (the paper: the 32-bit model).
+
+        The grid ``sizes x bits x targets x regions`` is covered round-robin:
+        ``n_patches`` patches in all (default: one per grid cell). With
+        ``attack="lavan"`` each patch is the LAVAN patch of one image (images of
+        the target class are skipped for targeted cells; a cell's images run as
+        one batch); with ``attack="gap"`` each patch is a universal patch fitted
+        on a random batch of ``batch_size`` images.
+
+        Args:
+            model: ``nn.Module`` or :class:`~triqdef.TriQDefWrapper`.
+            data: iterable of ``(x, y)`` batches (images in [0, 1]) or one ``(x, y)``
+                pair; read until enough images are collected.
+            sizes: patch sides or ``(h, w)`` pairs.
+            n_patches: total patches (default ``len(grid)``).
+            targets: target classes, ``None`` for untargeted.
+            regions: location regions (names or boxes; default ``("any",)``).
+            bits: generation bit-width(s); only 32 for a plain model.
+            attack: ``"lavan"`` or ``"gap"``.
+            steps: optimisation steps of each attack.
+            step_size: step size (default: the attack's).
+            seed: seed of every random choice (and of the pool's sampling).
+            batch_size: images per attack batch.
+            progress: show a tqdm bar over the grid cells.
+            **attack_kwargs: passed to the attack (``restarts``, ``eot_samples``,
+                ``mean``, ``std``, ...).
+
+        Returns:
+            The pool.
+
+        Raises:
+            ConfigError: bad grid or attack settings; InputError: bad data.
+        """
+        if attack not in _ATTACKS:
+            raise ConfigError(f"attack must be one of {tuple(_ATTACKS)}, got {attack!r}")
+        sizes = [
+            _size2(s, "sizes") for s in (sizes if isinstance(sizes, (list, tuple)) else [sizes])
+        ]
+        bits_list = [bits] if isinstance(bits, numbers.Integral) else list(bits)
+        for b in bits_list:
+            ok = b in model.bits if _is_wrapper(model) else b == 32
+            if isinstance(b, bool) or not ok:
+                allowed = model.bits if _is_wrapper(model) else (32,)
+                raise ConfigError(f"bits {b!r} is not available; the model runs at {allowed}")
+        targets = list(targets)
+        regions = [resolve_region(r)[0] or list(resolve_region(r)[1]) for r in (regions or ["any"])]
+        if not sizes or not bits_list or not targets:
+            raise ConfigError("sizes, bits and targets must be non-empty")
+        grid = list(itertools.product(sizes, bits_list, targets, regions))
+        n = len(grid) if n_patches is None else _int("n_patches", n_patches)
+        counts = [n // len(grid) + (i < n % len(grid)) for i in range(len(grid))]
+        batch_size = _int("batch_size", batch_size)
+        need = max(batch_size, max(counts)) * 2
+        xs, ys = _gather(data, need)
+        param = next(model.parameters(), None)
+        if param is not None:
+            xs, ys = xs.to(param.device), ys.to(param.device)
+        pick = torch.Generator().manual_seed(seed)
+        kw = dict(attack_kwargs, steps=steps)
+        if step_size is not None:
+            kw["step_size"] = step_size
+        patches, metadata = [], []
+        cells = [(i, cell) for i, cell in enumerate(grid) if counts[i]]
+        for i, (size, b, target, region) in progress_bar(cells, progress, len(cells), "pool"):
+            k = counts[i]
+            pool_ids = torch.arange(xs.shape[0])
+            if target is not None:
+                pool_ids = pool_ids[ys.cpu() != target] if (ys != target).any() else pool_ids
+            common = dict(
+                kw,
+                bits=b if _is_wrapper(model) else None,
+                targeted=target is not None,
+                target=target,
+                region=region,
+                seed=seed * 100003 + i,
+            )
+            meta = dict(
+                size=list(size),
+                bits=b,
+                target=target,
+                region=region,
+                attack=attack,
+                image_size=list(xs.shape[-2:]),
+                steps=steps,
+            )
+            if attack == "lavan":
+                order = pool_ids[torch.randperm(len(pool_ids), generator=pick)]
+                chosen = order.repeat(k // len(order) + 1)[:k].to(xs.device)
+                lavan = LAVAN(model, size, **common)
+                for start in range(0, k, batch_size):
+                    sel = chosen[start : start + batch_size]
+                    lavan(xs[sel], ys[sel])
+                    for p, loc in zip(lavan.patch, lavan.locations.tolist()):
+                        patches.append(p)
+                        metadata.append(dict(meta, location=loc))
+            else:
+                for j in range(k):
+                    order = pool_ids[torch.randperm(len(pool_ids), generator=pick)]
+                    sel = order[:batch_size].to(xs.device)
+                    gap = AdversarialPatch(model, size, **dict(common, seed=common["seed"] + j))
+                    gap(xs[sel], ys[sel])
+                    patches.append(gap.patch)
+                    metadata.append(dict(meta, location=None))
+        return cls(patches, metadata, seed=seed)
+
+    # --- files ------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the pool to a safetensors file, atomically (temp file + rename).
+
+        One tensor per patch (``patch_00000``, ...); the header metadata holds
+        ``format``, ``format_version``, ``count`` and JSON lists of the pool's
+        ``sizes``, ``bits``, ``targets``, ``regions``, ``attack`` names and
+        ``patches`` (every patch's metadata dict).
+
+        Args:
+            path: destination (conventionally ``*.safetensors``).
+        """
+        from safetensors.torch import save_file
+
+        tensors = {f"patch_{i:05d}": p.contiguous() for i, p in enumerate(self.patches)}
+        header = {
+            "format": POOL_FORMAT,
+            "format_version": POOL_FORMAT_VERSION,
+            "count": str(len(self)),
+            "sizes": json.dumps(sorted(list(s) for s in self.sizes)),
+            "bits": json.dumps(sorted(self.bits)),
+            "targets": json.dumps(sorted(self.targets, key=lambda t: -1 if t is None else t)),
+            "regions": json.dumps(sorted(list(r) for r in self.regions)),
+            "attack": json.dumps(sorted(self.attacks)),
+            "patches": json.dumps(self.metadata),
+        }
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=header)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, **kwargs: Any) -> PatchPool:
+        """Read a pool written by :meth:`save`.
+
+        Args:
+            path: the file.
+            **kwargs: ``generator`` / ``seed`` of the new pool.
+
+        Returns:
+            The pool, patches and metadata equal to the saved ones.
+
+        Raises:
+            CheckpointError: missing, truncated, corrupt or foreign file, or a newer format.
+        """
+        from safetensors import safe_open
+
+        if not Path(path).is_file():
+            raise CheckpointError(f"{path}: no such patch-pool file")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                header = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as exc:  # safetensors reports corruption with its own error types
+            raise CheckpointError(
+                f"{path} is not a readable safetensors file (truncated or corrupt?): {exc}"
+            ) from None
+        if header.get("format") != POOL_FORMAT:
+            raise CheckpointError(f"{path} is not a triqdef patch pool (metadata: {header})")
+        if header.get("format_version") != POOL_FORMAT_VERSION:
+            raise CheckpointError(
+                f"{path} has patch-pool format version {header.get('format_version')!r}; "
+                f"this triqdef reads version {POOL_FORMAT_VERSION}"
+            )
+        try:
+            count = int(header["count"])
+            metadata = json.loads(header["patches"])
+            patches = [tensors[f"patch_{i:05d}"] for i in range(count)]
+        except (KeyError, ValueError, TypeError) as exc:
+            raise CheckpointError(f"{path}: inconsistent patch-pool file ({exc!r})") from None
+        if len(tensors) != count or not isinstance(metadata, list) or len(metadata) != count:
+            raise CheckpointError(
+                f"{path}: the file holds {len(tensors)} tensors and "
+                f"{len(metadata) if isinstance(metadata, list) else '?'} metadata entries, "
+                f"expected {count}"
+            )
+        try:
+            return cls(patches, metadata, **kwargs)
+        except (ConfigError, InputError) as exc:
+            raise CheckpointError(f"{path}: invalid patch-pool content: {exc}") from None
