@@ -413,3 +413,14 @@ def test_per_bit_state_is_created_on_the_models_device():
     net = tiny_cnn().to("meta")  # stands in for an accelerator: no data, real devices
     w = TriQDefWrapper(net, bits=(32, 4))
     assert {b.device.type for b in w.buffers()} == {"meta"}
+
+
+def test_calibrate_with_nothing_to_calibrate_changes_nothing():
+    torch.manual_seed(0)
+    net = tiny_cnn()
+    w = TriQDefWrapper(net, bits=(32,))
+    w(torch.randn(8, 3, 8, 8) + 1)  # the model's own BN statistics move
+    before = _state(w)
+    w.calibrate([torch.randn(8, 3, 8, 8)])  # default: every bit-width below 32, none here
+    w.calibrate([torch.randn(8, 3, 8, 8)], bits=[])
+    assert _same_state(_state(w), before)

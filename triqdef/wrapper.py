@@ -431,6 +431,8 @@ class TriQDefWrapper(nn.Module):
         for b in targets:
             if b not in self.bits:
                 raise ConfigError(f"bit-width {b!r} is not one of this wrapper's bits {self.bits}")
+        if not targets:  # e.g. a 32-bit-only wrapper: nothing to estimate
+            return
         batches = [(b[0] if isinstance(b, (tuple, list)) else b) for b in batches]
         if not batches:
             raise ConfigError("calibrate() got no batches")
