@@ -75,7 +75,7 @@ SIZES = {
     "full": dict(
         train=60000,
         test=2000,
-        epochs=8,
+        epochs=4,
         batch=128,
         width=32,
         pool_patches=64,
