@@ -18,6 +18,7 @@ import contextlib
 import math
 import numbers
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,24 @@ __all__ = [
     "sample_eot",
     "warp_patch",
 ]
+
+
+def seeded_generator(owner: PatchAttack | Any, device: torch.device) -> torch.Generator | None:
+    """The generator ``owner`` draws from on ``device``.
+
+    ``owner.generator`` when the user gave one; else, with ``owner.seed`` set, one
+    generator per device seeded with it and kept in ``owner._generators`` (so the
+    stream continues across calls); else ``None`` (the global generator).
+    """
+    if owner.generator is not None:
+        return owner.generator
+    if owner.seed is None:
+        return None
+    key = str(device)
+    if key not in owner._generators:
+        owner._generators[key] = torch.Generator(device=device).manual_seed(owner.seed)
+    return owner._generators[key]
+
 
 Box = tuple[float, float, float, float]
 RegionLike = str | Box | None
@@ -638,16 +657,7 @@ class PatchAttack:
         self._generators.clear()
 
     def _gen(self, device: torch.device) -> torch.Generator | None:
-        if self.generator is not None:
-            return self.generator
-        if self.seed is None:
-            return None
-        key = str(device)
-        if key not in self._generators:
-            g = torch.Generator(device=device)
-            g.manual_seed(self.seed)
-            self._generators[key] = g
-        return self._generators[key]
+        return seeded_generator(self, device)
 
     def _rand(self, shape, device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
         g = self._gen(device)

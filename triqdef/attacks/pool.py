@@ -6,7 +6,6 @@ import itertools
 import json
 import numbers
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import CheckpointError, ConfigError, InputError
+from ..io import _write_atomic
 from .base import (
     _int,
     _is_wrapper,
@@ -24,6 +24,7 @@ from .base import (
     progress_bar,
     region_bounds,
     resolve_region,
+    seeded_generator,
 )
 from .gap import AdversarialPatch
 from .lavan import LAVAN
@@ -246,17 +247,7 @@ class PatchPool:
 
     # --- randomness -------------------------------------------------------------------
     def _gen(self, device: torch.device, generator=None) -> torch.Generator | None:
-        if generator is not None:
-            return generator
-        if self.generator is not None:
-            return self.generator
-        if self.seed is None:
-            return None
-        key = str(device)
-        if key not in self._generators:
-            self._generators[key] = torch.Generator(device=device)
-            self._generators[key].manual_seed(self.seed)
-        return self._generators[key]
+        return generator if generator is not None else seeded_generator(self, device)
 
     def _rand(self, shape, device, generator=None) -> Tensor:
         g = self._gen(torch.device(device), generator)
@@ -512,7 +503,6 @@ class PatchPool:
         Args:
             path: destination (conventionally ``*.safetensors``).
         """
-        from safetensors.torch import save_file
 
         tensors = {f"patch_{i:05d}": p.contiguous() for i, p in enumerate(self.patches)}
         header = {
@@ -526,16 +516,7 @@ class PatchPool:
             "attack": json.dumps(sorted(self.attacks)),
             "patches": json.dumps(self.metadata),
         }
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=header)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        _write_atomic(tensors, path, header)
 
     @classmethod
     def load(cls, path: str | os.PathLike, **kwargs: Any) -> PatchPool:
