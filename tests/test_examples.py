@@ -52,3 +52,27 @@ def test_train_after_runs():
         check=True,
     )
     assert "epoch 1: loss" in out.stdout
+
+
+def test_cifar10_example_runs_a_few_steps_on_synthetic_input(tmp_path):
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(EXAMPLES / "cifar10.py"),
+            "--synthetic",
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "ckpt.safetensors"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    assert "step 2 loss" in out.stdout and "milestones=(33, 67, 100)" in out.stdout
+    assert (tmp_path / "ckpt.safetensors").stat().st_size > 0
