@@ -13,6 +13,7 @@ from triqdef import TriQDefWrapper
 from triqdef.errors import (
     ConfigError,
     DetachedError,
+    InputError,
     LayerNotFoundError,
     NotCalibratedError,
     TriQDefError,
@@ -280,8 +281,9 @@ def test_calibrate_failure_restores_statistics():
     with w.at_bits(4):
         w(torch.randn(8, 3, 8, 8))
     before = _state(w)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(InputError, match="batch 1 at 4 bits") as info:
         w.calibrate([torch.randn(8, 3, 8, 8), torch.randn(8, 5, 8, 8)])
+    assert isinstance(info.value.__cause__, RuntimeError)  # the model's own error, chained
     assert _same_state(_state(w), before)
 
 

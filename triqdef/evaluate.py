@@ -193,6 +193,9 @@ def _batches(
                 )
             if x.shape[0] == 0:
                 raise InputError(f"{desc}: got an empty batch, x of shape {tuple(x.shape)}")
+            for name, t in (("x", x), ("y", y)):
+                if t.device.type == "meta":  # nothing to move to the model's device
+                    raise InputError(f"{desc}: {name} is on the meta device, which holds no data")
             n += 1
             yield x.to(device, non_blocking=True), y.to(device, non_blocking=True).long()
             if max_batches is not None and n >= max_batches:
@@ -440,7 +443,8 @@ def clean_accuracy(
         ``{bits: accuracy in [0, 1]}`` in the order of ``bits``.
 
     Raises:
-        InputError: empty loader, malformed batch, bits other than 32 for a plain module.
+        InputError: empty loader, malformed batch (including one on the meta device, or
+            images holding NaN/Inf), bits other than 32 for a plain module.
         ConfigError: a bit-width that the wrapper does not have.
 
     Shape:
@@ -462,6 +466,10 @@ def clean_accuracy(
     )
     with ev.session(), torch.no_grad(), batches as stream:
         for x, y in stream:
+            if not bool(torch.isfinite(x).all()):  # one host sync per batch
+                raise InputError(
+                    f"clean_accuracy: x contains NaN or Inf (batch of shape {tuple(x.shape)})"
+                )
             for b in bits:
                 correct[b] += (ev.logits(x, b).argmax(dim=1) == y).sum()
             total += y.shape[0]
@@ -1394,8 +1402,8 @@ def alignment_report(
         the :class:`AlignmentReport`.
 
     Raises:
-        InputError: empty loader, malformed batch, fewer than one pair, ``bits`` and
-            ``pairs`` both given, bad patch.
+        InputError: empty loader, malformed batch (including one on the meta device),
+            fewer than one pair, ``bits`` and ``pairs`` both given, bad patch.
         ConfigError: a bit-width the wrapper does not have.
         LayerNotFoundError: a layer name that is not in the model.
 

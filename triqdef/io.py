@@ -51,9 +51,21 @@ def _metadata(wrapper, kind: str, **extra) -> dict[str, str]:
     return meta
 
 
+def _check_args(wrapper, path, fn: str) -> Path:
+    from .wrapper import TriQDefWrapper
+
+    if not isinstance(wrapper, TriQDefWrapper):
+        raise ConfigError(f"{fn} needs a TriQDefWrapper, got {type(wrapper).__name__}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise ConfigError(f"{fn}: path must be a str or os.PathLike, got {type(path).__name__}")
+    return Path(path)
+
+
 def _write_atomic(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str]) -> None:
     """Write to a temporary file beside ``path`` and rename: never a half-written file."""
     path = Path(path)
+    if not path.parent.is_dir():
+        raise CheckpointError(f"{path}: the directory {path.parent} does not exist")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
     os.close(fd)
     try:
@@ -111,6 +123,7 @@ def save(wrapper: TriQDefWrapper, path: PathLike) -> None:
         wrapper: a :class:`~triqdef.TriQDefWrapper`.
         path: destination file (conventionally ``*.safetensors``).
     """
+    path = _check_args(wrapper, path, "save")
     _write_atomic(_contiguous_copies(wrapper.state_dict()), path, _metadata(wrapper, "wrapper"))
 
 
@@ -142,6 +155,7 @@ def load(wrapper: TriQDefWrapper, path: PathLike) -> None:
         wrapper: a :class:`~triqdef.TriQDefWrapper` built like the saved one.
         path: a file written by :func:`save`.
     """
+    path = _check_args(wrapper, path, "load")
     tensors, meta = _read(path)
     if meta.get("kind") != "wrapper":
         raise CheckpointError(f"{path} holds a {meta.get('kind')!r} export, not a wrapper")
@@ -186,6 +200,7 @@ def save_quantized(wrapper: TriQDefWrapper, path: PathLike, bits: int) -> None:
         path: destination file.
         bits: one of ``wrapper.bits`` below 32.
     """
+    path = _check_args(wrapper, path, "save_quantized")
     if isinstance(bits, bool) or bits not in wrapper.bits or bits >= 32:
         low = [b for b in wrapper.bits if b < 32]
         raise ConfigError(f"save_quantized needs one of the bit-widths {low}, got {bits!r}")

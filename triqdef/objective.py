@@ -46,6 +46,12 @@ def _check_inputs(w: TriQDefWrapper, x, y, patch) -> None:
     for name, t in (("x", x), ("y", y)):
         if param is not None and t.device != param.device:
             raise InputError(f"loss: {name} is on {t.device} but the model is on {param.device}")
+    if (
+        param is not None
+        and x.dtype != param.dtype
+        and not torch.is_autocast_enabled(x.device.type)
+    ):
+        raise InputError(f"loss: x is {x.dtype} but the model's parameters are {param.dtype}")
     if patch is None or isinstance(patch, PatchSource):
         return
     if not isinstance(patch, Tensor):

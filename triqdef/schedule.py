@@ -75,7 +75,10 @@ class BACTSchedule:
         if not isinstance(wrapper, TriQDefWrapper):
             raise ConfigError(f"BACTSchedule needs a TriQDefWrapper, got {type(wrapper).__name__}")
         stages = _default_stages(wrapper.bits) if stages is None else stages
-        stages = tuple(tuple(sorted(s, reverse=True)) for s in stages)
+        try:
+            stages = tuple(tuple(sorted(s, reverse=True)) for s in stages)
+        except TypeError:
+            raise ConfigError(f"stages must be groups of bit-widths, got {stages!r}") from None
         flat = [b for s in stages for b in s]
         if not stages or any(not s for s in stages) or sorted(flat) != sorted(wrapper.bits):
             raise ConfigError(
@@ -89,7 +92,12 @@ class BACTSchedule:
             milestones = tuple(
                 max(1, round(total * i / (2 * n_joins))) for i in range(1, n_joins + 1)
             )
-        milestones = tuple(milestones)
+        try:
+            milestones = tuple(milestones)
+        except TypeError:
+            raise ConfigError(
+                f"milestones must be a sequence of ints, got {milestones!r}"
+            ) from None
         if len(milestones) != n_joins or any(
             isinstance(m, bool) or not isinstance(m, int) or m < 0 for m in milestones
         ):
@@ -172,7 +180,12 @@ class BACTSchedule:
 
     def load_state_dict(self, state: dict) -> None:
         """Resume at a saved stage; the wrapper's per-bit state comes from its own checkpoint."""
-        stages = tuple(tuple(s) for s in state.get("stages", ()))
+        if not isinstance(state, dict):
+            raise ConfigError(f"schedule state must be a dict, got {type(state).__name__}")
+        try:
+            stages = tuple(tuple(s) for s in state.get("stages", ()))
+        except TypeError:
+            raise ConfigError(f"invalid schedule state {state}") from None
         if stages != self.stages or tuple(state.get("milestones", ())) != self.milestones:
             raise ConfigError(
                 f"schedule state is for stages {stages} / milestones {state.get('milestones')}, "

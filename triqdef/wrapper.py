@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .attacks.patching import PatchSource, RandomPatch
-from .errors import ConfigError, DetachedError, LayerNotFoundError
+from .errors import ConfigError, DetachedError, InputError, LayerNotFoundError
 from .losses import PAIR_MODES, DescriptorConfig
 from .quant import BatchNormStats, BitContext, LayerQuantizer
 from .taps import FeatureTaps
@@ -50,7 +50,10 @@ def _check_bits(bits: Iterable[int]) -> tuple[int, ...]:
 def _check_names(model: nn.Module, names, what: str) -> tuple[str, ...]:
     if isinstance(names, str):
         names = (names,)
-    names = tuple(names)
+    try:
+        names = tuple(names)
+    except TypeError:
+        raise ConfigError(f"{what} must be a sequence of layer names, got {names!r}") from None
     known = dict(model.named_modules())
     for name in names:
         if not isinstance(name, str):
@@ -63,6 +66,53 @@ def _check_names(model: nn.Module, names, what: str) -> tuple[str, ...]:
                 " List them all with [n for n, _ in model.named_modules()]."
             )
     return names
+
+
+def _check_calibration_batches(w: TriQDefWrapper, batches: list) -> None:
+    """Raise InputError for a batch that is not a non-empty tensor on the model's device, or
+    a floating batch whose dtype differs from the model's or that holds NaN/Inf (checked
+    before any statistic is reset). Integer batches (token ids) are accepted as they are."""
+    param = next(w.model.parameters(), None)
+    for i, x in enumerate(batches):
+        if not isinstance(x, torch.Tensor) or x.numel() == 0:
+            got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x)
+            raise InputError(f"calibrate: batch {i} must be a non-empty tensor, got {got}")
+        if param is not None and x.device != param.device:
+            raise InputError(f"calibrate: batch {i} is on {x.device}, the model on {param.device}")
+        if not x.is_floating_point():
+            continue
+        if param is not None and x.dtype != param.dtype:
+            raise InputError(f"calibrate: batch {i} is {x.dtype}, the model is {param.dtype}")
+        if not bool(torch.isfinite(x).all()):
+            raise InputError(f"calibrate: batch {i} contains NaN or Inf")
+
+
+def _check_feature_inputs(w: TriQDefWrapper, args: tuple, kwargs: dict) -> None:
+    """Raise InputError unless the first argument is a tensor and every tensor argument is
+    on the model's device and, when floating, of its parameters' dtype (any dtype under
+    autocast). The model may take several inputs; non-tensor extras are left to it."""
+    if not args or not isinstance(args[0], torch.Tensor):
+        got = type(args[0]).__name__ if args else "nothing"
+        raise InputError(f"features: the first argument must be a tensor, got {got}")
+    param = next(w.model.parameters(), None)
+    if param is None:
+        return
+    named = [(f"argument {i}", a) for i, a in enumerate(args)] + list(kwargs.items())
+    for name, t in named:
+        if not isinstance(t, torch.Tensor):
+            continue
+        if t.device != param.device:
+            raise InputError(
+                f"features: {name} is on {t.device} but the model is on {param.device}"
+            )
+        if (
+            t.is_floating_point()
+            and t.dtype != param.dtype
+            and not torch.is_autocast_enabled(t.device.type)
+        ):
+            raise InputError(
+                f"features: {name} is {t.dtype} but the model's parameters are {param.dtype}"
+            )
 
 
 def _device_of(module: nn.Module) -> torch.device | None:
@@ -172,7 +222,11 @@ class TriQDefWrapper(nn.Module):
         bits = _check_bits(bits)
         layers = _check_names(model, layers, "layers")
         exclude = _check_names(model, exclude, "exclude")
-        if not 0.0 < float(momentum) <= 1.0:
+        if (
+            isinstance(momentum, bool)
+            or not isinstance(momentum, (int, float))
+            or not 0.0 < float(momentum) <= 1.0
+        ):
             raise ConfigError(f"momentum must be in (0, 1], got {momentum}")
         weights = dict(
             lambda_adv=lambda_adv,
@@ -297,7 +351,7 @@ class TriQDefWrapper(nn.Module):
         Raises:
             ConfigError: ``bits`` is not one of the wrapper's bit-widths.
         """
-        if isinstance(bits, bool) or bits not in self.bits:
+        if isinstance(bits, bool) or not isinstance(bits, int) or bits not in self.bits:
             raise ConfigError(f"bit-width {bits!r} is not one of this wrapper's bits {self.bits}")
         self._bits = int(bits)
         self._ctx.index = self._ctx.qbits.index(bits) if bits < 32 else None
@@ -335,8 +389,12 @@ class TriQDefWrapper(nn.Module):
 
     def set_active_bits(self, bits: Iterable[int]) -> TriQDefWrapper:
         """Choose the bit-widths that :meth:`loss` trains (a subset of ``bits``)."""
-        chosen = tuple(sorted(set(bits), reverse=True))
-        unknown = [b for b in chosen if b not in self.bits]
+        try:
+            chosen = tuple(sorted(set(bits), reverse=True))
+        except TypeError:
+            raise ConfigError(f"active bits must be a set of bit-widths, got {bits!r}") from None
+        unknown = [b for b in chosen if isinstance(b, bool) or not isinstance(b, int)]
+        unknown += [b for b in chosen if b not in self.bits]
         if not chosen or unknown:
             raise ConfigError(
                 f"active bits must be a non-empty subset of {self.bits}, got {tuple(bits)}"
@@ -403,8 +461,13 @@ class TriQDefWrapper(nn.Module):
         Returns:
             ``{layer name: output}`` for every name in ``layers``; nothing is kept
             after the call.
+
+        Raises:
+            InputError: the first argument is not a tensor, or a tensor argument is not
+                on the model's device or (floating, outside autocast) not of its dtype.
         """
         self._check_attached()
+        _check_feature_inputs(self, args, kwargs)
         with self._taps.capture():
             self.model(*args, **kwargs)
             return self._taps.pop()
@@ -427,15 +490,24 @@ class TriQDefWrapper(nn.Module):
             bits: bit-widths to calibrate (default: every bit-width below 32).
         """
         self._check_attached()
-        targets = [b for b in (self._ctx.qbits if bits is None else bits)]
+        try:
+            targets = [b for b in (self._ctx.qbits if bits is None else bits)]
+        except TypeError:
+            raise ConfigError(f"bits must be a sequence of bit-widths, got {bits!r}") from None
         for b in targets:
-            if b not in self.bits:
+            if isinstance(b, bool) or not isinstance(b, int) or b not in self.bits:
                 raise ConfigError(f"bit-width {b!r} is not one of this wrapper's bits {self.bits}")
         if not targets:  # e.g. a 32-bit-only wrapper: nothing to estimate
             return
-        batches = [(b[0] if isinstance(b, (tuple, list)) else b) for b in batches]
+        try:
+            batches = [(b[0] if isinstance(b, (tuple, list)) else b) for b in batches]
+        except TypeError:
+            raise ConfigError(
+                f"calibrate() needs an iterable of batches, got {batches!r}"
+            ) from None
         if not batches:
             raise ConfigError("calibrate() got no batches")
+        _check_calibration_batches(self, batches)
         params = {k for k, _ in self.named_parameters()}
         saved = {k: v.clone() for k, v in self.state_dict().items() if k not in params}
         bns = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -452,8 +524,14 @@ class TriQDefWrapper(nn.Module):
                 if b < 32:
                     for module in (*self.quantizers.values(), *self.bn_stats.values()):
                         module.reset(self._ctx.index)
-                for x in batches:
-                    self.model(x)
+                for i, x in enumerate(batches):
+                    try:
+                        self.model(x)
+                    except Exception as exc:  # the model rejects this input: say which
+                        raise InputError(
+                            f"calibrate: the model failed on batch {i} at {b} bits "
+                            f"({type(exc).__name__}: {exc}); statistics restored"
+                        ) from exc
         except BaseException:
             self.load_state_dict(saved, strict=False)
             raise

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError, InputError
-from .patching import apply_patch
+from .patching import check_locations, paste_patch
 
 __all__ = [
     "PatchAttack",
@@ -144,13 +144,23 @@ def check_patch_tensor(patch, what: str = "init_patch") -> Tensor:
     return patch.detach()
 
 
-def check_images(x, what: str = "x") -> None:
-    """Raise :class:`InputError` unless ``x`` is a non-empty floating ``(B, C, H, W)`` in [0, 1]."""
+def check_device(t: Tensor, device: torch.device | None = None, what: str = "x") -> None:
+    """Raise :class:`InputError` if ``t`` holds no data (meta) or is not on ``device``."""
+    if t.device.type == "meta":
+        raise InputError(f"{what} is on the meta device, which holds no data")
+    if device is not None and t.device != device:
+        raise InputError(f"{what} is on {t.device} but the model is on {device}")
+
+
+def check_images(x, what: str = "x", device: torch.device | None = None) -> None:
+    """Raise :class:`InputError` unless ``x`` is a non-empty floating ``(B, C, H, W)`` in [0, 1]
+    holding data, on ``device`` when one is given (the model's)."""
     if not isinstance(x, Tensor) or x.ndim != 4 or not x.is_floating_point():
         got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
         raise InputError(f"{what} must be a floating (B, C, H, W) tensor, got {got}")
     if x.numel() == 0:
         raise InputError(f"{what} is empty, shape {tuple(x.shape)}")
+    check_device(x, device, what)
     lo, hi = torch.aminmax(x.detach())
     if not bool((lo >= 0) & (hi <= 1)):  # NaN fails this too
         raise InputError(
@@ -171,28 +181,6 @@ def check_labels(y, x: Tensor, what: str = "y") -> Tensor:
     if y.device != x.device:
         raise InputError(f"{what} is on {y.device} but x is on {x.device}")
     return y.long()
-
-
-def check_locations(locations, x: Tensor, patch_size: tuple[int, int]) -> Tensor:
-    """Check ``(B, 2)`` integer top-left corners that keep the patch inside ``x``.
-
-    Returns:
-        The corners as int64 on ``x``'s device.
-
-    Raises:
-        InputError: wrong type, shape or dtype, or a patch that would leave the image.
-    """
-    (hh, ww), (h, w) = x.shape[-2:], patch_size
-    if not isinstance(locations, Tensor) or locations.shape != (x.shape[0], 2):
-        got = tuple(locations.shape) if isinstance(locations, Tensor) else locations
-        raise InputError(f"locations must be a ({x.shape[0]}, 2) tensor, got {got}")
-    if locations.is_floating_point() or locations.dtype == torch.bool:
-        raise InputError(f"locations must be integer (row, col) corners, got {locations.dtype}")
-    loc = locations.to(x.device, torch.long)
-    bad = (loc < 0).any() | (loc[:, 0] > hh - h).any() | (loc[:, 1] > ww - w).any()
-    if bool(bad):
-        raise InputError(f"locations put a {(h, w)} patch outside the {(hh, ww)} images")
-    return loc
 
 
 # --- regions ---------------------------------------------------------------------------------
@@ -773,7 +761,8 @@ class PatchAttack:
         return side, side
 
     def _check_call(self, model: nn.Module, x, y, locations) -> tuple[Tensor, Tensor]:
-        check_images(x)
+        param = next(model.parameters(), None)
+        check_images(x, device=None if param is None else param.device)
         y = check_labels(y, x)
         hh, ww = x.shape[-2:]
         h, w = self._size_for((hh, ww))
@@ -787,9 +776,6 @@ class PatchAttack:
             )
         if locations is not None:
             check_locations(locations, x, (h, w))
-        param = next(model.parameters(), None)
-        if param is not None and param.device != x.device:
-            raise InputError(f"x is on {x.device} but the model is on {param.device}")
         if x.is_inference():
             x = x.clone()
         return x.detach(), y
@@ -906,4 +892,4 @@ class UniversalPatchAttack(PatchAttack):
             locations = check_locations(locations, x, tuple(p.shape[-2:]))
         self.patch = p.clone()
         self.locations = locations.to(x.device, torch.long)
-        return apply_patch(x.detach(), self.patch, self.locations)
+        return paste_patch(x.detach(), self.patch, self.locations)

@@ -15,6 +15,7 @@ from .base import (
     _float,
     _int,
     _is_wrapper,
+    check_device,
     frozen_model,
     progress_bar,
     sample_eot,
@@ -218,6 +219,9 @@ class AdversarialPatch(UniversalPatchAttack):
                     if not isinstance(batch, (tuple, list)) or len(batch) < 2:
                         raise InputError(f"fit: each batch must be (x, y, ...), got {type(batch)}")
                     x, y = batch[0], batch[1]
+                    for name, t in (("x", x), ("y", y)):
+                        if isinstance(t, Tensor):
+                            check_device(t, what=f"fit: {name}")  # before moving it
                     if param is not None and isinstance(x, Tensor) and isinstance(y, Tensor):
                         x, y = x.to(param.device), y.to(param.device)  # loaders yield CPU batches
                     x, y = self._check_call(model, x, y, None)

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import PatchAttack, _int, draw_in_range, progress_bar, region_bounds
-from .patching import apply_patch
+from .patching import paste_patch
 
 __all__ = ["LAVAN"]
 
@@ -59,6 +59,7 @@ class LAVAN(PatchAttack):
         >>> x_adv = attack(x, y)
         >>> attack.patch.shape, attack.locations.shape
         (torch.Size([4, 1, 3, 3]), torch.Size([4, 2]))
+        >>> from triqdef.attacks import apply_patch
         >>> torch.equal(apply_patch(x, attack.patch, attack.locations), x_adv)
         True
     """
@@ -105,7 +106,7 @@ class LAVAN(PatchAttack):
 
         def score(patch: Tensor, loc: Tensor) -> Tensor:
             with torch.no_grad():
-                logits = self._logits(model, apply_patch(x, patch, loc), bits)
+                logits = self._logits(model, paste_patch(x, patch, loc), bits)
                 return self._objective(logits, y)
 
         total = self.restarts * self.steps
@@ -123,7 +124,7 @@ class LAVAN(PatchAttack):
             for t in range(self.steps):
                 next(it, None)
                 patch.requires_grad_(True)
-                obj = self._objective(self._logits(model, apply_patch(x, patch, loc), bits), y)
+                obj = self._objective(self._logits(model, paste_patch(x, patch, loc), bits), y)
                 (grad,) = torch.autograd.grad(obj.sum(), patch)
                 patch, obj = patch.detach(), obj.detach()
                 keep(obj, patch, loc)
@@ -143,4 +144,4 @@ class LAVAN(PatchAttack):
             bar.close()
         self.patch, self.locations = best_patch, best_loc
         self.last_loss = self._loss_value(best_obj)
-        return apply_patch(x, best_patch, best_loc)
+        return paste_patch(x, best_patch, best_loc)

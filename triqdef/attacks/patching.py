@@ -71,6 +71,33 @@ def random_locations(
     return torch.stack([rows, cols], dim=1).to(device)
 
 
+def check_locations(locations, x: Tensor, patch_size: tuple[int, int]) -> Tensor:
+    """Check ``(B, 2)`` integer top-left corners that keep the patch inside ``x``.
+
+    Returns:
+        The corners as int64 on ``x``'s device.
+
+    Raises:
+        InputError: wrong type, shape or dtype, or a patch that would leave the image.
+    """
+    (hh, ww), (h, w) = x.shape[-2:], patch_size
+    if not isinstance(locations, Tensor) or locations.shape != (x.shape[0], 2):
+        got = tuple(locations.shape) if isinstance(locations, Tensor) else locations
+        raise InputError(f"locations must be a ({x.shape[0]}, 2) tensor, got {got}")
+    if locations.is_floating_point() or locations.is_complex() or locations.dtype == torch.bool:
+        raise InputError(f"locations must be integer (row, col) corners, got {locations.dtype}")
+    loc = locations.to(x.device, torch.long)
+    outside = (loc < 0).any(dim=1) | (loc[:, 0] > hh - h) | (loc[:, 1] > ww - w)
+    if bool(outside.any()):  # one host sync, on user-given corners only
+        i = int(outside.nonzero()[0, 0])
+        raise InputError(
+            f"locations put a {(h, w)} patch outside the {(hh, ww)} images: corner "
+            f"{tuple(loc[i].tolist())} of image {i} (rows must be in [0, {hh - h}], "
+            f"columns in [0, {ww - w}])"
+        )
+    return loc
+
+
 def apply_patch(
     x: Tensor,
     patch: Tensor,
@@ -95,6 +122,11 @@ def apply_patch(
         Patched images ``(B, C, H, W)``. Gradients reach ``patch`` only inside the
         mask and ``x`` only outside it.
 
+    Raises:
+        InputError: bad ``x`` or ``patch``; ``locations`` that are not integer
+            ``(B, 2)`` corners keeping the patch inside the images; a ``mask`` that is
+            not on ``x``'s device or does not broadcast to ``(B, 1, H, W)``.
+
     Example:
         >>> x = torch.zeros(2, 1, 4, 4)
         >>> out = apply_patch(x, torch.ones(1, 2, 2), locations=torch.tensor([[0, 0], [2, 1]]))
@@ -104,6 +136,26 @@ def apply_patch(
                 [0., 1., 1., 0.],
                 [0., 1., 1., 0.]])
     """
+    return _apply_patch(x, patch, locations, mask, generator, check=True)
+
+
+def paste_patch(x: Tensor, patch: Tensor, locations: Tensor) -> Tensor:
+    """:func:`apply_patch` at corners that triqdef drew inside the images itself.
+
+    Skips the bounds check of ``locations`` (a host sync), so attack loops can paste
+    at their own corners every step; user-given corners go through :func:`apply_patch`.
+    """
+    return _apply_patch(x, patch, locations, None, None, check=False)
+
+
+def _apply_patch(
+    x: Tensor,
+    patch: Tensor,
+    locations: Tensor | None,
+    mask: Tensor | None,
+    generator: torch.Generator | None,
+    check: bool,
+) -> Tensor:
     if not isinstance(x, Tensor) or x.ndim != 4 or not x.is_floating_point():
         shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
         raise InputError(f"apply_patch: x must be a floating (B, C, H, W) tensor, got {shape}")
@@ -128,7 +180,20 @@ def apply_patch(
                 f"apply_patch: with a mask the patch must be full-size {(hh, ww)}, "
                 f"got {tuple(p.shape[-2:])}"
             )
-        m = mask.to(device=x.device, dtype=x.dtype)
+        if not isinstance(mask, Tensor):
+            raise InputError(f"apply_patch: mask must be a tensor, got {type(mask).__name__}")
+        if mask.device != x.device:
+            raise InputError(f"apply_patch: mask is on {mask.device} but x is on {x.device}")
+        try:
+            fits = torch.broadcast_shapes(mask.shape, (b, 1, hh, ww)) == (b, 1, hh, ww)
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise InputError(
+                f"apply_patch: mask of shape {tuple(mask.shape)} does not broadcast to "
+                f"{(b, 1, hh, ww)}"
+            )
+        m = mask.to(dtype=x.dtype)
         while m.ndim < 4:
             m = m.unsqueeze(0)
         return x * (1 - m) + p * m
@@ -138,9 +203,11 @@ def apply_patch(
         raise InputError(f"apply_patch: patch {(h, w)} is larger than the images {(hh, ww)}")
     if locations is None:
         locations = random_locations(b, (hh, ww), (h, w), generator, x.device)
-    elif not isinstance(locations, Tensor) or locations.shape != (b, 2):
-        got = tuple(locations.shape) if isinstance(locations, Tensor) else locations
-        raise InputError(f"apply_patch: locations must be a ({b}, 2) tensor, got {got}")
+    elif check:
+        try:
+            locations = check_locations(locations, x, (h, w))
+        except InputError as exc:
+            raise InputError(f"apply_patch: {exc}") from None
     loc = locations.to(device=x.device, dtype=torch.long)
     rows = loc[:, :1] + torch.arange(h, device=x.device)  # (B, h)
     cols = loc[:, 1:] + torch.arange(w, device=x.device)  # (B, w)

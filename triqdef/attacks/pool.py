@@ -28,7 +28,7 @@ from .base import (
 )
 from .gap import AdversarialPatch
 from .lavan import LAVAN
-from .patching import apply_patch
+from .patching import paste_patch
 
 __all__ = ["PatchPool", "POOL_FORMAT", "POOL_FORMAT_VERSION"]
 
@@ -329,7 +329,7 @@ class PatchPool:
         Args:
             x: images ``(B, C, H, W)`` in [0, 1].
             y: labels (unused; accepted so the pool is a patch source).
-            wrapper: unused.
+            wrapper: the model being trained (optional); ``x`` must be on its device.
             generator: optional generator (default: the pool's).
 
         Returns:
@@ -337,9 +337,11 @@ class PatchPool:
             record what went where.
 
         Raises:
-            InputError: bad ``x``, a channel mismatch, or no patch fits the images.
+            InputError: bad ``x`` (including one on the meta device or, with ``wrapper``,
+                not on the model's device), a channel mismatch, or no patch fits the images.
         """
-        check_images(x)
+        param = next(wrapper.parameters(), None) if isinstance(wrapper, nn.Module) else None
+        check_images(x, device=None if param is None else param.device)
         if x.shape[1] != self.channels:
             raise InputError(
                 f"the pool's patches have {self.channels} channels, x has {x.shape[1]}"
@@ -362,7 +364,7 @@ class PatchPool:
             rows = (group == g).nonzero().squeeze(1)
             if rows.numel() == 0:
                 continue
-            patched = apply_patch(out[rows], stack[local[idx[rows]]], loc[rows])
+            patched = paste_patch(out[rows], stack[local[idx[rows]]], loc[rows])
             out.index_copy_(0, rows, patched)
         self.indices, self.locations = idx, loc
         return out
