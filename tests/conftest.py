@@ -8,7 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+# One thread per test process: the suite runs as `pytest -n 2` on 2 cores, and more threads
+# than cores makes small-tensor work dramatically slower.
+torch.set_num_threads(1)
 
 
 def _devices() -> list[str]:

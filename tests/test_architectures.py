@@ -49,7 +49,7 @@ ARCHS = {
     ),
     "vgg11_bn": (_vgg11_bn, (2, 3, 32, 32), ["features.3"], 10),
     "resnet20": (resnet20, (4, 3, 32, 32), ["layer1", "layer2", "layer3"], 20),
-    "resnet56": (resnet56, (2, 3, 32, 32), ["layer1", "layer2"], 56),
+    "resnet56": (resnet56, (2, 3, 16, 16), ["layer1", "layer2"], 56),
     "mlp": (lambda: MLP(3 * 8 * 8, hidden=(32, 16)), (4, 3, 8, 8), ["features.1"], 3),
     "vit": (_vit, (2, 3, 32, 32), ["encoder.layers.encoder_layer_0"], 2 + 2 * 3),
 }
