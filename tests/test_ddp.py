@@ -53,7 +53,7 @@ def _launch(out: Path, memory_bounded: bool) -> None:
         "1" if memory_bounded else "0",
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-6000:]
 
 
 def _single_process_grads(memory_bounded: bool) -> tuple[dict, torch.Tensor]:
