@@ -20,9 +20,11 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import Tensor, nn
 
+from .attacks.patching import PatchSource
 from .errors import ConfigError
 from .schedule import BACTSchedule
 from .wrapper import DEFAULT_BITS, TriQDefWrapper
@@ -57,11 +59,11 @@ def make_method(
     *,
     bits: Sequence[int] = DEFAULT_BITS,
     layers: Sequence[str] = (),
-    pool=None,
+    pool: PatchSource | None = None,
     pbat_attack: Callable | None = None,
     epochs: int = 1,
     seed: int = 0,
-    **wrapper_kwargs,
+    **wrapper_kwargs: Any,
 ) -> Method:
     """Wrap ``model`` for the method ``name``.
 
