@@ -464,7 +464,51 @@ def to_markdown(results: dict) -> str:
                     )
                     + " |"
                 )
+    if REFERENCE in by_method:
+        lines += relative_section(by_method)
     return "\n".join(lines) + "\n"
+
+
+REFERENCE = "multibit"  # the undefended shared backbone every defence is compared with
+
+
+def _mean(runs, group, key):
+    vals = [r[group][key] for r in runs if r[group].get(key) is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def relative_change(runs, ref_runs, key: str) -> float | None:
+    """Relative change (%) of a method's mean ASR against the reference's mean ASR."""
+    mine, ref = _mean(runs, "asr", key), _mean(ref_runs, "asr", key)
+    if mine is None or not ref:
+        return None
+    return 100 * (mine - ref) / ref
+
+
+def relative_section(by_method: dict) -> list[str]:
+    """ASR of every method relative to the undefended multi-bit model (negative = lower).
+
+    The paper states its claim this way ("more than 40% lower ASR on unseen patch
+    and bit-width combinations"), so the claim can be read off directly.
+    """
+    ref = by_method[REFERENCE]
+    cols = [(a, r, b) for a in ("lavan", "gap") for r in ("seen", "unseen") for b in EVAL_BITS]
+    head = "| method | " + " | ".join(f"{a.upper()} {r} {b}" for a, r, b in cols) + " |"
+    lines = [
+        "",
+        f"## ASR relative to `{REFERENCE}` (%; negative = lower ASR than the undefended model)",
+        "",
+        head,
+        "|---" * (len(cols) + 1) + "|",
+    ]
+    for name, runs in by_method.items():
+        if name == REFERENCE:
+            continue
+        vals = [relative_change(runs, ref, f"{a}/{r}/{b}") for a, r, b in cols]
+        lines.append(
+            f"| {name} | " + " | ".join("n/a" if v is None else f"{v:+.0f}" for v in vals) + " |"
+        )
+    return lines
 
 
 if __name__ == "__main__":

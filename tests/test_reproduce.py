@@ -35,7 +35,26 @@ def test_smoke_run_writes_every_method_and_bit_width(tmp_path):
     md = (tmp_path / "results.md").read_text()
     for name in METHODS:
         assert f"| {name} |" in md
+    assert "## ASR relative to `multibit`" in md
     assert {p.name for p in tmp_path.glob("*.png")} == {
         f"asr-{a}-{r}.png" for a in ("lavan", "gap") for r in ("seen", "unseen")
     }
     assert (tmp_path / "pool-seed0.safetensors").exists()
+
+
+def test_relative_change_against_the_multibit_model():
+    reproduce = _load()
+
+    def run(method, seed, lavan):
+        return {"method": method, "seed": seed, "clean": {}, "asr": {"lavan/unseen/2": lavan}}
+
+    ref = [run("multibit", 0, 0.8), run("multibit", 1, 0.6)]  # mean 0.7
+    mine = [run("triqdef", 0, 0.4), run("triqdef", 1, 0.3)]  # mean 0.35
+    assert reproduce.relative_change(mine, ref, "lavan/unseen/2") == -50.0
+    assert reproduce.relative_change(mine, ref, "gap/seen/32") is None  # not measured
+    zero = [run("multibit", 0, 0.0)]
+    assert reproduce.relative_change(mine, zero, "lavan/unseen/2") is None  # no reference ASR
+    section = "\n".join(reproduce.relative_section({"multibit": ref, "triqdef": mine}))
+    row = next(line for line in section.splitlines() if line.startswith("| triqdef |"))
+    cells = [c.strip() for c in row.strip("|").split("|")][1:]
+    assert len(cells) == 16 and cells.count("-50") == 1 and cells.count("n/a") == 15
