@@ -36,6 +36,7 @@ def test_smoke_run_writes_every_method_and_bit_width(tmp_path):
     for name in METHODS:
         assert f"| {name} |" in md
     assert "## ASR relative to `multibit`" in md
+    assert results["config"]["calibrate"] == 0 and "models as trained" in md
     assert {p.name for p in tmp_path.glob("*.png")} == {
         f"asr-{a}-{r}.png" for a in ("lavan", "gap") for r in ("seen", "unseen")
     }

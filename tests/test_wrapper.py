@@ -262,10 +262,14 @@ def test_uncalibrated_eval_raises_and_calibrate_fixes_it():
     net = tiny_cnn()
     w = TriQDefWrapper(net, bits=(32, 8, 4)).eval()
     x = torch.randn(8, 3, 8, 8)
+    assert w.calibrated_bits() == (32,)
     with w.at_bits(4), pytest.raises(NotCalibratedError, match="4-bit"):
         w(x)
     assert isinstance(net[0].weight, nn.Parameter)  # the failed call put the weights back
+    w.calibrate([x], bits=[8])
+    assert w.calibrated_bits() == (32, 8)
     w.calibrate([x, (x * 2, None)])
+    assert w.calibrated_bits() == (32, 8, 4)
     assert not w.training and w.current_bits == 32
     for b in (8, 4):
         with w.at_bits(b):

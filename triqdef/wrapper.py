@@ -476,6 +476,18 @@ class TriQDefWrapper(nn.Module):
         """Names of the layers that are quantized below 32 bits."""
         return [n for n, _ in self.model.named_modules() if _key(n) in self.quantizers]
 
+    def calibrated_bits(self) -> tuple[int, ...]:
+        """Bit-widths whose observers have all seen data (32 bits needs none).
+
+        A bit-width missing here raises :class:`~triqdef.errors.NotCalibratedError`
+        in evaluation until a training-mode forward at it or :meth:`calibrate`.
+        """
+        qbits = self._ctx.qbits
+        ready = [
+            all(q.calibrated(i) for q in self.quantizers.values()) for i in range(len(qbits))
+        ]
+        return tuple(b for b in self.bits if b == 32 or ready[qbits.index(b)])
+
     @torch.no_grad()
     def calibrate(self, batches: Iterable, bits: Iterable[int] | None = None) -> None:
         """Reset and re-estimate observers and BatchNorm statistics at ``bits``.
