@@ -59,3 +59,22 @@ def test_relative_change_against_the_multibit_model():
     row = next(line for line in section.splitlines() if line.startswith("| triqdef |"))
     cells = [c.strip() for c in row.strip("|").split("|")][1:]
     assert len(cells) == 16 and cells.count("-50") == 1 and cells.count("n/a") == 15
+
+
+def test_recalibration_check_runs_and_reports_four_states():
+    spec = importlib.util.spec_from_file_location(
+        "recalibration", SCRIPT.with_name("recalibration.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = module.main(["--size", "smoke", "--data", "digits"])
+    assert list(out) == [
+        "as trained",
+        "calibrate(256 images)",
+        "BatchNorm statistics only",
+        "observers only",
+    ]
+    for acc in out.values():
+        assert set(acc) == {5, 4, 2}
+        assert all(a is None or 0.0 <= a <= 1.0 for a in acc.values())
+    assert out["calibrate(256 images)"][2] is not None  # calibrate reaches every bit-width
