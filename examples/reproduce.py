@@ -13,7 +13,7 @@ the ASR of a random-noise patch of the same size (the floor). Writes
   bit-width itself (a generation bit-width the pool never used, except 32).
 
     python examples/reproduce.py                    # small default size (<= 10 min, 2 CPU cores)
-    python examples/reproduce.py --full --seeds 0   # the real experiment, ~1.5 h per seed on a core
+    python examples/reproduce.py --full --seeds 0   # the real experiment, ~2 h per seed on a core
     python examples/reproduce.py --data cifar10 --model resnet20
 
 ``--data``: ``fashion-mnist`` (torchvision's root or Debian's
@@ -72,7 +72,7 @@ SIZES = {
         seen=8,
         unseen=10,
     ),
-    # the whole training set, sized to finish in about 1.5 h per seed on one CPU core
+    # the whole training set, sized to finish in about 2 h per seed on one CPU core
     "full": dict(
         train=60000,
         test=1000,
@@ -217,7 +217,7 @@ def main(argv=None) -> dict:
     p.add_argument("--data", default="auto", choices=["auto", "fashion-mnist", "cifar10", "digits"])
     p.add_argument("--model", default="smallcnn", choices=["smallcnn", "resnet20", "resnet56"])
     p.add_argument(
-        "--full", action="store_true", help="the real experiment (~1.5 h per seed, 1 CPU core)"
+        "--full", action="store_true", help="the real experiment (~2 h per seed, 1 CPU core)"
     )
     p.add_argument("--size", choices=list(SIZES), default=None, help=argparse.SUPPRESS)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
