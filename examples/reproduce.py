@@ -338,7 +338,7 @@ def main(argv=None) -> dict:
                     method, xtr, ytr, size["epochs"], size["batch"], 3e-3, seed, progress
                 )
                 # evaluate as trained: the weights are adapted to the observers' moving
-                # averages, and re-estimating them moves 2-bit accuracy (docs/concepts.md);
+                # averages; re-estimating them moves 2-bit accuracy both ways (docs/concepts.md);
                 # bit-widths training never visited (tiny runs of dwq) must be calibrated
                 ready = method.wrapper.calibrated_bits()
                 redo = [b for b in bits if b < 32 and (args.calibrate or b not in ready)]

@@ -483,9 +483,7 @@ class TriQDefWrapper(nn.Module):
         in evaluation until a training-mode forward at it or :meth:`calibrate`.
         """
         qbits = self._ctx.qbits
-        ready = [
-            all(q.calibrated(i) for q in self.quantizers.values()) for i in range(len(qbits))
-        ]
+        ready = [all(q.calibrated(i) for q in self.quantizers.values()) for i in range(len(qbits))]
         return tuple(b for b in self.bits if b == 32 or ready[qbits.index(b)])
 
     @torch.no_grad()
