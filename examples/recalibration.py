@@ -28,7 +28,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import reproduce as R  # noqa: E402
 
 import triqdef  # noqa: E402
-from triqdef.attacks import LAVAN, PatchPool  # noqa: E402
 from triqdef.baselines import make_method  # noqa: E402
 from triqdef.evaluate import clean_accuracy  # noqa: E402
 
@@ -46,37 +45,10 @@ def main(argv=None) -> dict:
     fp_model, _ = R.make_model("smallcnn", xtr.shape[1], size["width"])
     fp = make_method("multibit", fp_model, bits=(32,))
     R.train(fp, xtr, ytr, size["epochs"], size["batch"], 3e-3, seed, False)
-    pool = PatchPool.build(
-        fp.wrapper,
-        [(xtr[:256], ytr[:256])],
-        sizes=(size["seen"],),
-        n_patches=size["pool_patches"],
-        bits=32,
-        targets=(None, 0, (int(ytr.max()) + 1) // 2),
-        steps=size["pool_steps"],
-        seed=seed,
-    )
+    pool = R.build_pool(fp.wrapper, xtr, ytr, size, seed)
     torch.manual_seed(seed)
     model, layers = R.make_model("smallcnn", xtr.shape[1], size["width"])
-    method = make_method(
-        args.method,
-        model,
-        bits=triqdef.DEFAULT_BITS,
-        layers=layers,
-        pool=pool,
-        epochs=size["epochs"],
-        seed=seed,
-        pbat_attack=lambda w: LAVAN(
-            w,
-            size["seen"],
-            bits=32,
-            steps=size["pbat_steps"],
-            step_size=0.1,
-            location_search=True,
-            move_every=2,
-            seed=seed,
-        ),
-    )
+    method = R.build_method(args.method, model, layers, triqdef.DEFAULT_BITS, pool, size, seed)
     R.train(method, xtr, ytr, size["epochs"], size["batch"], 3e-3, seed, False)
     trained = method.wrapper
     bits = [b for b in R.EVAL_BITS if b < 32]

@@ -140,6 +140,43 @@ def make_model(kind: str, channels: int, width: int):
     return net, ["layer1", "layer2"]
 
 
+def build_pool(fp_wrapper, x, y, size: dict, seed: int) -> PatchPool:
+    """The offline pool: LAVAN patches of the seen size crafted at 32 bits on ``fp_wrapper``."""
+    return PatchPool.build(
+        fp_wrapper,
+        [(x[:256], y[:256])],
+        sizes=(size["seen"],),
+        n_patches=size["pool_patches"],
+        bits=32,
+        targets=(None, 0, (int(y.max()) + 1) // 2),
+        steps=size["pool_steps"],
+        seed=seed,
+    )
+
+
+def build_method(name: str, model, layers, bits, pool, size: dict, seed: int):
+    """One method of :mod:`triqdef.baselines`, configured as this experiment trains it."""
+    return make_method(
+        name,
+        model,
+        bits=bits,
+        layers=layers,
+        pool=pool,
+        epochs=size["epochs"],
+        seed=seed,
+        pbat_attack=lambda w: LAVAN(
+            w,
+            size["seen"],
+            bits=32,
+            steps=size["pbat_steps"],
+            step_size=0.1,
+            location_search=True,
+            move_every=2,
+            seed=seed,
+        ),
+    )
+
+
 def train(method, x, y, epochs: int, batch: int, lr: float, seed: int, progress: bool) -> float:
     opt = torch.optim.Adam(method.wrapper.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
@@ -294,17 +331,7 @@ def main(argv=None) -> dict:
         fp_model.to(args.device)
         fp = make_method("multibit", fp_model, bits=(32,))
         train(fp, xtr, ytr, size["epochs"], size["batch"], 3e-3, seed, progress)
-        n_classes = int(ytr.max()) + 1
-        pool = PatchPool.build(
-            fp.wrapper,
-            [(xtr[:256], ytr[:256])],
-            sizes=(size["seen"],),
-            n_patches=size["pool_patches"],
-            bits=32,
-            targets=(None, 0, n_classes // 2),
-            steps=size["pool_steps"],
-            seed=seed,
-        )
+        pool = build_pool(fp.wrapper, xtr, ytr, size, seed)
         pool.save(out / f"pool-seed{seed}.safetensors")
 
         for name in methods:
@@ -315,25 +342,7 @@ def main(argv=None) -> dict:
                 torch.manual_seed(seed)
                 model, layers = make_model(args.model, channels, size["width"])
                 model.to(args.device)
-                method = make_method(
-                    name,
-                    model,
-                    bits=bits,
-                    layers=layers,
-                    pool=pool,
-                    epochs=size["epochs"],
-                    seed=seed,
-                    pbat_attack=lambda w, s=seed: LAVAN(
-                        w,
-                        size["seen"],
-                        bits=32,
-                        steps=size["pbat_steps"],
-                        step_size=0.1,
-                        location_search=True,
-                        move_every=2,
-                        seed=s,
-                    ),
-                )
+                method = build_method(name, model, layers, bits, pool, size, seed)
                 row["train_s"] += train(
                     method, xtr, ytr, size["epochs"], size["batch"], 3e-3, seed, progress
                 )
