@@ -344,11 +344,9 @@ def sobel_edges(a: Tensor, eps: float = 1e-6) -> Tensor:
     Example:
         >>> x = torch.zeros(1, 3, 4, 4)
         >>> x[..., 2:] = 1.0
-        >>> sobel_edges(x)[0, 0]
-        tensor([[0.0010, 0.5000, 0.5000, 0.0010],
-                [0.0010, 0.5000, 0.5000, 0.0010],
-                [0.0010, 0.5000, 0.5000, 0.0010],
-                [0.0010, 0.5000, 0.5000, 0.0010]])
+        >>> e = sobel_edges(x)[0, 0].round(decimals=3)  # rounded: last bits vary by CPU
+        >>> e[0].tolist(), bool((e == e[0]).all())    # every row is the same
+        ([0.001, 0.5, 0.5, 0.001], True)
     """
     _check_map("sobel_edges", "a", a)
     eps = _check_real("sobel_edges", "eps", eps)
@@ -407,10 +405,10 @@ def soft_dice(a: Tensor, b: Tensor, eps: float = 1e-6) -> Tensor:
 
     Example:
         >>> m = torch.tensor([1.0, 1.0, 0.0, 0.0]).view(1, 1, 2, 2)
-        >>> soft_dice(m, m)
-        tensor([1.0000])
-        >>> soft_dice(m, 1 - m)
-        tensor([0.])
+        >>> soft_dice(m, m).round(decimals=4).tolist()
+        [1.0]
+        >>> soft_dice(m, 1 - m).round(decimals=4).tolist()
+        [0.0]
     """
     a, b = _check_pair("soft_dice", a, b)
     eps = _check_real("soft_dice", "eps", eps)
@@ -516,8 +514,9 @@ def edge_iou(a: Tensor, b: Tensor, q: float = 0.85) -> Tensor:
     Example:
         >>> x = torch.zeros(1, 1, 8, 8)
         >>> x[..., 4:] = 1.0
-        >>> edge_iou(x, x, q=0.5), edge_iou(x, x.transpose(-1, -2), q=0.5)
-        (tensor([1.]), tensor([0.1429]))
+        >>> [v.round(decimals=4).tolist() for v in (edge_iou(x, x, q=0.5),
+        ...                                         edge_iou(x, x.transpose(-1, -2), q=0.5))]
+        [[1.0], [0.1429]]
     """
     a, b = _check_pair("edge_iou", a, b)
     q = _check_real("edge_iou", "q", q, high=1.0)
@@ -618,8 +617,9 @@ def descriptor_cosine(da: Tensor, db: Tensor, eps: float = 1e-12) -> Tensor:
         - Output: :math:`(B,)`
 
     Example:
-        >>> descriptor_cosine(torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 1.0]]))
-        tensor([0.7071])
+        >>> c = descriptor_cosine(torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 1.0]]))
+        >>> c.round(decimals=4).tolist()
+        [0.7071]
     """
     fn = "descriptor_cosine"
     for name, d in (("da", da), ("db", db)):
@@ -663,8 +663,8 @@ def hog_cosine(a: Tensor, b: Tensor, **hog_kwargs: object) -> Tensor:
         >>> torch.manual_seed(0) is not None
         True
         >>> x = torch.rand(2, 1, 16, 16)
-        >>> hog_cosine(x, x, cell=4)
-        tensor([1.0000, 1.0000])
+        >>> hog_cosine(x, x, cell=4).round(decimals=4).tolist()  # rounded: last bits vary by CPU
+        [1.0, 1.0]
     """
     a, b = _check_pair("hog_cosine", a, b)
     return descriptor_cosine(hog(a, **hog_kwargs), hog(b, **hog_kwargs))
@@ -690,8 +690,8 @@ def gradient_cosine(a: Tensor, b: Tensor, eps: float = 1e-12) -> Tensor:
 
     Example:
         >>> g = torch.ones(2, 1, 2, 2)
-        >>> gradient_cosine(g, -g)
-        tensor([-1., -1.])
+        >>> gradient_cosine(g, -g).round(decimals=4).tolist()
+        [-1.0, -1.0]
     """
     a, b = _check_pair("gradient_cosine", a, b)
     eps = _check_real("gradient_cosine", "eps", eps)
@@ -773,8 +773,8 @@ class SoftDice(nn.Module):
 
     Example:
         >>> m = torch.ones(1, 1, 2, 2)
-        >>> SoftDice()(m, m)
-        tensor([1.0000])
+        >>> SoftDice()(m, m).round(decimals=4).tolist()
+        [1.0]
     """
 
     def __init__(self, eps: float = 1e-6) -> None:
