@@ -1,22 +1,24 @@
 """Cost of the TriQDef objective on CPU (issue: objective benchmark).
 
-CIFAR ResNet-20, 32x32 inputs, batch 128, bits (32, 8, 5, 4, 2), taps on
+CIFAR ResNet-20, 32x32 inputs, batch 32 and 128, bits (32, 8, 5, 4, 2), taps on
 layer1..layer3, random 6x6 patches on half the batch. Every figure is a ratio
 measured in one run, so machine noise cancels:
 
 (a) TriQDef step / multi-bit CE step: the same wrapper and the same clean and
     patched forward passes, with ``lambda_fdp = lambda_gpdp = 0`` for the
-    baseline (a step = loss + backward + SGD update);
+    baseline (a step = loss + backward + SGD update); TriQDef exact, memory-bounded,
+    and with ``penalty_bits=2`` (FDP and GPDP over one random pair of bit-widths per
+    step, the other three bit-widths cross-entropy only), for each batch size;
 (b) share of the TriQDef step spent in the descriptors (Sobel, quantile,
     soft binarization, SoftDice, SoftHOG): those functions are timed forward
     and backward on the step's own maps (every tapped feature and input
     gradient, every bit-width) and divided by the step time;
 (c) peak resident memory of one step above the resident memory before it,
-    exact vs memory-bounded mode, for 2..5 active bit-widths (each in a fresh
-    subprocess whose large allocations are mmap-backed, so freed tensors leave
-    the process and the resident size follows the live tensors).
+    exact vs memory-bounded mode, for 2..5 active bit-widths, at the largest batch
+    (each in a fresh subprocess whose large allocations are mmap-backed, so freed
+    tensors leave the process and the resident size follows the live tensors).
 
-    python benchmarks/objective.py [--steps 3] [--batch 128] [--skip-memory]
+    python benchmarks/objective.py [--steps 3] [--batch 32 128] [--threads 1] [--skip-memory]
 """
 
 from __future__ import annotations
@@ -159,29 +161,52 @@ def memory_child(bits: int, memory_bounded: bool, batch: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--batch", type=int, nargs="+", default=[32, 128])
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--memory-child", nargs=2, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.memory_child:
-        memory_child(args.memory_child[0], bool(args.memory_child[1]), args.batch)
+        memory_child(args.memory_child[0], bool(args.memory_child[1]), args.batch[0])
         return
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}")
-    w, opt, x, y = make(args.batch)
-    t_triqdef = time_steps(w, opt, x, y, args.steps)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    for batch in args.batch:
+        time_rows(batch, args.steps)
+    if args.skip_memory:
+        return
+    memory_rows(max(args.batch), args.threads)
+
+
+def time_rows(batch: int, steps: int) -> None:
+    """(a) and (b) at one batch size; every ratio is against this batch's CE step."""
+    w, opt, x, y = make(batch)
+    t_triqdef = time_steps(w, opt, x, y, steps)
     w.lambda_fdp = w.lambda_gpdp = 0.0
-    t_ce = time_steps(w, opt, x, y, args.steps)
+    t_ce = time_steps(w, opt, x, y, steps)
     w.lambda_fdp, w.lambda_gpdp = 0.8, 0.5
     w.memory_bounded = True
-    t_bounded = time_steps(w, opt, x, y, args.steps)
+    t_bounded = time_steps(w, opt, x, y, steps)
+    w.penalty_bits = 2
+    t_sampled_bounded = time_steps(w, opt, x, y, steps)
     w.memory_bounded = False
-    t_floor = time_steps(w, opt, x, y, args.steps, floor=True)
-    print("(a) step time (median of", args.steps, "steps)")
-    print(f"    multi-bit CE (penalties off)  {t_ce:7.3f} s")
-    print(f"    TriQDef, exact                {t_triqdef:7.3f} s   ratio {t_triqdef / t_ce:.2f}")
-    print(f"    TriQDef, memory-bounded       {t_bounded:7.3f} s   ratio {t_bounded / t_ce:.2f}")
-    print(f"    floor: CE + |input grad|^2    {t_floor:7.3f} s   ratio {t_floor / t_ce:.2f}")
+    t_sampled = time_steps(w, opt, x, y, steps)
+    w.penalty_bits = None
+    t_floor = time_steps(w, opt, x, y, steps, floor=True)
+    print(f"batch {batch}")
+    print("(a) step time (median of", steps, "steps)")
+    rows = [
+        ("TriQDef, exact", t_triqdef),
+        ("TriQDef, memory-bounded", t_bounded),
+        ("TriQDef, penalty_bits=2", t_sampled),
+        ("  penalty_bits=2, bounded", t_sampled_bounded),
+        ("floor: CE + |input grad|^2", t_floor),
+    ]
+    print(f"    {'multi-bit CE (penalties off)':<30}{t_ce:7.3f} s")
+    for name, t in rows:
+        print(f"    {name:<30}{t:7.3f} s   ratio {t / t_ce:.2f}")
 
     stages = descriptor_stage_times(w, x, y)
     share = sum(stages.values()) / t_triqdef
@@ -190,9 +215,9 @@ def main() -> None:
         print(f"    {name:<20} {t * 1000:8.1f} ms  {100 * t / t_triqdef:5.1f}% of the step")
     print(f"    total                {sum(stages.values()) * 1000:8.1f} ms  {100 * share:5.1f}%")
 
-    if args.skip_memory:
-        return
-    print("(c) peak RSS above the model's steady state (fresh process per row)")
+
+def memory_rows(batch: int, threads: int | None) -> None:
+    print(f"(c) peak RSS above the model's steady state (fresh process per row), batch {batch}")
     print("    bits  exact MiB  bounded MiB  bounded/exact")
     for k in (2, 3, 4, 5):
         res = []
@@ -205,7 +230,8 @@ def main() -> None:
                     str(k),
                     str(mb),
                     "--batch",
-                    str(args.batch),
+                    str(batch),
+                    *([] if threads is None else ["--threads", str(threads)]),
                 ],
                 capture_output=True,
                 text=True,

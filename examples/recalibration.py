@@ -1,16 +1,16 @@
 """Does re-estimating a trained model's quantizer state hurt it? (the 2-bit check).
 
-Trains the ``dwq`` baseline exactly as ``reproduce.py --full`` does for one seed
-(the full-precision model and its patch pool first), then measures clean
-accuracy per bit-width four ways on the same weights:
+Trains the ``dwq-train`` baseline at ``reproduce.py --full``'s size for one seed
+(the full-precision model and its patch pool first; the curriculum steps per
+epoch), then measures clean accuracy per bit-width four ways on the same weights:
 
 - as trained;
 - after ``wrapper.calibrate`` on 256 training images (observers and BatchNorm
-  statistics re-estimated: what ``reproduce.py --calibrate 256`` does);
+  statistics re-estimated);
 - with only the BatchNorm statistics re-estimated;
 - with only the observers re-estimated.
 
-    python examples/recalibration.py [--seed 0] [--method dwq]
+    python examples/recalibration.py [--seed 0] [--method dwq-train]
 
 About 3 minutes on one CPU core. docs/concepts.md quotes its output.
 """
@@ -35,12 +35,15 @@ from triqdef.evaluate import clean_accuracy  # noqa: E402
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--method", default="dwq", choices=["multibit", "pbat", "dwq", "triqdef"])
+    p.add_argument(
+        "--method", default="dwq-train", choices=["multibit", "pbat-shared", "dwq-train", "triqdef"]
+    )
     p.add_argument("--size", default="full", choices=list(R.SIZES))
     p.add_argument("--data", default="auto")
     args = p.parse_args(argv)
     size, seed = R.SIZES[args.size], args.seed
-    xtr, ytr, xte, yte, _ = R.load_data(args.data, size, seed)
+    data = R.load_data(args.data, size, seed)
+    xtr, ytr, xte, yte = data.x_train, data.y_train, data.x_eval, data.y_eval
     torch.manual_seed(seed)
     fp_model, _ = R.make_model("smallcnn", xtr.shape[1], size["width"])
     fp = make_method("multibit", fp_model, bits=(32,))

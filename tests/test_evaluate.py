@@ -383,6 +383,36 @@ def test_transfer_matrix_subsets_and_plain_module(setup):
     assert m.source_bits == [32] and m.target_bits == [32]
 
 
+def test_transfer_matrix_per_bit_models(setup):
+    """A mapping {bits: model}: source s crafts on model s, target t is scored on model t."""
+    w, data = setup
+    other = _wrapper(seed=1)
+    models = {32: w, 4: other}
+    before = (_state(w), _state(other))
+    m = transfer_matrix(models, _factory(), data, seed=0)
+    _assert_same_state(before[0], w)
+    _assert_same_state(before[1], other)
+    assert m.source_bits == [32, 4] and m.target_bits == [32, 4]
+    for i, s in enumerate((32, 4)):
+        attack = _factory()(models[s], s)
+        per_target = {t: [0, 0] for t in (32, 4)}
+        for x, y in data:
+            x_adv = attack(x, y)
+            for t in (32, 4):
+                succ, elig = attack_success_rate(models[t], x, x_adv, y, bits=t)
+                per_target[t][0] += succ
+                per_target[t][1] += elig
+        for j, t in enumerate((32, 4)):
+            assert m.counts[i][j] == tuple(per_target[t])
+        assert all(seen[0] == s for seen in attack.seen)
+    with pytest.raises(ConfigError, match="has no model"):
+        transfer_matrix(models, _factory(), data, source_bits=[8])
+    with pytest.raises(InputError, match="32 bits only"):  # a plain model has no 2-bit view
+        transfer_matrix({2: tiny_cnn(num_classes=CLASSES)}, _factory(), data)
+    with pytest.raises(InputError, match="empty"):
+        transfer_matrix({}, _factory(), data)
+
+
 def test_transfer_matrix_serialisation_and_tables(setup, tmp_path):
     w, data = setup
     m = transfer_matrix(w, _factory(steps=1), data[:1], seed=0)

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
+
+import pytest
+import torch
 
 from triqdef.baselines import METHODS
 
@@ -14,51 +18,85 @@ SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "reproduce.py"
 def _load():
     spec = importlib.util.spec_from_file_location("reproduce", SCRIPT)
     module = importlib.util.module_from_spec(spec)
+    sys.modules["reproduce"] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 
 
-def test_smoke_run_writes_every_method_and_bit_width(tmp_path):
+def test_smoke_run_writes_every_method_condition_and_matrix(tmp_path):
     reproduce = _load()
     reproduce.main(["--size", "smoke", "--data", "digits", "--out", str(tmp_path), "--no-progress"])
     results = json.loads((tmp_path / "results.json").read_text())
-    assert {r["method"] for r in results["runs"]} == set(METHODS)
     assert results["config"]["data"] == "digits"
-    for run in results["runs"]:
-        assert set(run["clean"]) == {"32", "5", "4", "2"}, run["method"]
+    (run,) = results["runs"]
+    assert set(run["clean"]) == set(METHODS) == set(run["transfer"])
+    bits = [32, 5, 4, 2]
+    for name in METHODS:
+        assert set(run["clean"][name]) == {"32", "5", "4", "2"}, name
+        assert all(0.0 <= a <= 1.0 for a in run["clean"][name].values())
+        assert set(run["transfer"][name]) == {"lavan", "gap"}
         for attack in ("lavan", "gap"):
-            for regime in ("seen", "unseen"):
-                for b in (32, 5, 4, 2):
-                    v = run["asr"][f"{attack}/{regime}/{b}"]
-                    assert v is None or 0.0 <= v <= 1.0
-                    assert f"noise/{attack}/{regime}/{b}" in run["asr"]
+            conds = run["transfer"][name][attack]
+            assert set(conds) == set(reproduce.CONDITIONS)
+            for m in conds.values():
+                assert m["target_bits"] == bits
+                assert len(m["asr"]) == len(m["source_bits"]) and len(m["noise_floor"]) == 4
+                assert all(v is None or 0.0 <= v <= 1.0 for row in m["asr"] for v in row)
+            # seen (generated at 32 bits like the pool) and unseen-bits make up the square
+            assert conds["seen"]["source_bits"] == [32]
+            assert conds["unseen-bits"]["source_bits"] == [5, 4, 2]
+            assert conds["unseen-size"]["source_bits"] == bits
+            assert conds["blackbox"]["source_bits"] == [32]
     md = (tmp_path / "results.md").read_text()
     for name in METHODS:
         assert f"| {name} |" in md
-    assert "## ASR relative to `multibit`" in md
-    assert results["config"]["calibrate"] == 0 and "models as trained" in md
-    assert {p.name for p in tmp_path.glob("*.png")} == {
-        f"asr-{a}-{r}.png" for a in ("lavan", "gap") for r in ("seen", "unseen")
-    }
+    assert "## Transfer ASR relative to `multibit`" in md and "Threat calibration" in md
+    pngs = {p.name for p in tmp_path.glob("*.png")}
+    assert "transfer-triqdef-lavan-seen.png" in pngs and "transfer-pbat-gap-blackbox.png" in pngs
+    assert len(pngs) == len(METHODS) * 2 * len(reproduce.CONDITIONS)
     assert (tmp_path / "pool-seed0.safetensors").exists()
 
 
-def test_relative_change_against_the_multibit_model():
+def test_off_diagonal_and_relative_change():
     reproduce = _load()
+    m = {
+        "source_bits": [32, 4],
+        "target_bits": [32, 4, 2],
+        "asr": [[0.9, 0.6, 0.5], [0.3, 0.8, None]],
+        "noise_floor": [0.1, 0.1, 0.1],
+    }
+    assert reproduce.off_diagonal(m, "seen") == [0.3, 0.6, 0.5]
+    assert reproduce.diagonal(m) == [0.9, 0.8, None]
+    # black-box: the source is another model, so every cell is a transfer
+    assert reproduce.off_diagonal(m, "blackbox") == [pytest.approx(0.6), 0.7, 0.5]
 
-    def run(method, seed, lavan):
-        return {"method": method, "seed": seed, "clean": {}, "asr": {"lavan/unseen/2": lavan}}
+    def run(seed, ref, mine):
+        def matrix(v):
+            return {"source_bits": [32], "target_bits": [4], "asr": [[v]], "noise_floor": [0.0]}
 
-    ref = [run("multibit", 0, 0.8), run("multibit", 1, 0.6)]  # mean 0.7
-    mine = [run("triqdef", 0, 0.4), run("triqdef", 1, 0.3)]  # mean 0.35
-    assert reproduce.relative_change(mine, ref, "lavan/unseen/2") == -50.0
-    assert reproduce.relative_change(mine, ref, "gap/seen/32") is None  # not measured
-    zero = [run("multibit", 0, 0.0)]
-    assert reproduce.relative_change(mine, zero, "lavan/unseen/2") is None  # no reference ASR
-    section = "\n".join(reproduce.relative_section({"multibit": ref, "triqdef": mine}))
-    row = next(line for line in section.splitlines() if line.startswith("| triqdef |"))
-    cells = [c.strip() for c in row.strip("|").split("|")][1:]
-    assert len(cells) == 16 and cells.count("-50") == 1 and cells.count("n/a") == 15
+        return {
+            "seed": seed,
+            "transfer": {
+                "multibit": {"lavan": {"seen": matrix(ref)}},
+                "triqdef": {"lavan": {"seen": matrix(mine)}},
+            },
+        }
+
+    table = reproduce.summary({"runs": [run(0, 0.8, 0.4), run(1, 0.6, 0.3)]})
+    assert reproduce.relative(table, "triqdef", "lavan", "seen", 0) == pytest.approx(-0.5)
+    table = reproduce.summary({"runs": [run(0, 0.0, 0.4)]})
+    assert reproduce.relative(table, "triqdef", "lavan", "seen", 0) is None  # no reference ASR
+
+
+def test_validation_split_never_overlaps_training_or_calibration():
+    reproduce = _load()
+    size = dict(reproduce.SIZES["smoke"])
+    val = reproduce.load_data("digits", size, 0, split="val")
+    test = reproduce.load_data("digits", size, 0, split="test")
+    assert torch.equal(val.x_train, test.x_train) and torch.equal(val.x_calib, test.x_calib)
+    rows = {tuple(x.flatten().tolist()) for x in torch.cat([val.x_train, val.x_calib])}
+    assert not any(tuple(x.flatten().tolist()) in rows for x in val.x_eval[:8])
+    assert len(val.x_eval) == len(test.x_eval) == size["test"]
 
 
 def test_recalibration_check_runs_and_reports_four_states():

@@ -376,6 +376,10 @@ class _Evaluated:
             if self.wrapper is not None:
                 self.wrapper.set_bits(previous)
 
+    def source_model(self, bits: int) -> nn.Module:
+        """The model an attack crafted at ``bits`` runs on."""
+        return self.module
+
     def at(self, bits: int) -> contextlib.AbstractContextManager:
         if self.wrapper is None:
             return contextlib.nullcontext()
@@ -406,6 +410,62 @@ class _Evaluated:
                 f"{tuple(x.shape)}"
             )
         return x_adv.detach().to(device=x.device, dtype=x.dtype)
+
+
+class _PerBitEvaluated:
+    """Separately trained models, one per bit-width (e.g. QAT): source ``s`` is model ``s``."""
+
+    def __init__(self, fn: str, models: Mapping, mean: object, std: object, device: object) -> None:
+        if not models:
+            raise InputError(f"{fn}: the mapping of bit-width -> model is empty")
+        self.subs: dict[int, _Evaluated] = {}
+        for b, m in models.items():
+            if isinstance(b, bool) or not isinstance(b, numbers.Integral):
+                raise InputError(f"{fn}: mapping keys must be bit-widths (int), got {b!r}")
+            ev = _Evaluated(fn, m, mean, std, device)
+            ev.check_bit(b)
+            self.subs[int(b)] = ev
+        self.fn = fn
+        self.bits = tuple(self.subs)
+        self.module = nn.ModuleList([ev.module for ev in self.subs.values()])
+        self.device = next(iter(self.subs.values())).device
+
+    def check_bits(self, bits: object, what: str) -> tuple[int, ...]:
+        if bits is None:
+            return self.bits
+        if isinstance(bits, numbers.Integral) and not isinstance(bits, bool):
+            bits = (int(bits),)
+        try:
+            bits = tuple(bits)  # type: ignore[arg-type]
+        except TypeError:
+            raise InputError(
+                f"{self.fn}: {what} must be a sequence of ints, got {bits!r}"
+            ) from None
+        if not bits:
+            raise InputError(f"{self.fn}: {what} is empty")
+        for b in bits:
+            if isinstance(b, bool) or b not in self.subs:
+                raise ConfigError(f"bit-width {b!r} has no model; the mapping has {self.bits}")
+        if len(set(bits)) != len(bits):
+            raise InputError(f"{self.fn}: {what} {bits} lists a bit-width more than once")
+        return bits
+
+    def source_model(self, bits: int) -> nn.Module:
+        return self.subs[bits].module
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[_PerBitEvaluated]:
+        with contextlib.ExitStack() as stack:
+            for ev in self.subs.values():
+                stack.enter_context(ev.session())
+            yield self
+
+    def logits(self, x: Tensor, bits: int) -> Tensor:
+        return self.subs[bits].logits(x, bits)
+
+    def call_source(self, source: Callable, x: Tensor, y: Tensor, bits: int | None, what: str):
+        ev = self.subs[bits] if bits is not None else next(iter(self.subs.values()))
+        return ev.call_source(source, x, y, bits, what)
 
 
 # ------------------------------------------------------------------------ clean accuracy
@@ -843,7 +903,7 @@ def _attack_name(attack: object) -> str:
 
 
 def transfer_matrix(
-    wrapper: TriQDefWrapper | nn.Module,
+    wrapper: TriQDefWrapper | nn.Module | Mapping[int, nn.Module],
     make_attack: Callable[[Any, int], Any],
     loader: Iterable,
     source_bits: Sequence[int] | None = None,
@@ -880,8 +940,12 @@ def transfer_matrix(
 
     Args:
         wrapper: a :class:`~triqdef.TriQDefWrapper` (a plain ``nn.Module`` gives a 1 x 1
-            matrix at 32 bits).
-        make_attack: factory ``make_attack(wrapper, bits) -> attack``, e.g.
+            matrix at 32 bits), or a mapping ``{bits: model}`` of separately trained
+            models, one per bit-width (e.g. per-bit QAT): then the attack of source ``s``
+            runs on ``models[s]`` and target ``t`` is evaluated on ``models[t]``, so every
+            off-diagonal cell is a transfer between two models.
+        make_attack: factory ``make_attack(model, bits) -> attack`` (``model`` is the
+            wrapper, or ``models[bits]`` for a mapping), e.g.
             ``lambda m, b: LAVAN(m, patch_size=6, bits=b, steps=40)``.
         loader: iterable of ``(x, y)`` batches, images in [0, 1]; read once.
         source_bits: bit-widths to craft at (default: all of the wrapper's).
@@ -910,7 +974,11 @@ def transfer_matrix(
         raise InputError(
             f"{fn}: make_attack must be a callable (model, bits) -> attack, got {make_attack!r}"
         )
-    ev = _Evaluated(fn, wrapper, mean, std, device)
+    ev: _Evaluated | _PerBitEvaluated
+    if isinstance(wrapper, Mapping):
+        ev = _PerBitEvaluated(fn, wrapper, mean, std, device)
+    else:
+        ev = _Evaluated(fn, wrapper, mean, std, device)
     sources = ev.check_bits(source_bits, "source_bits")
     targets = ev.check_bits(target_bits, "target_bits")
     max_batches = _check_max_batches(max_batches)
@@ -926,7 +994,7 @@ def transfer_matrix(
     samples = 0
     batches = contextlib.closing(_batches(loader, ev.device, max_batches, progress, fn))
     with ev.session(), batches as stream:
-        attacks = {s: make_attack(wrapper, s) for s in sources}
+        attacks = {s: make_attack(ev.source_model(s), s) for s in sources}
         ev.module.eval()
         for s, attack in attacks.items():
             if not callable(attack):

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from .errors import ConfigError, NotCalibratedError
 from .quant import fake_quantize_activation, fake_quantize_weight
 
 if TYPE_CHECKING:
@@ -31,7 +31,7 @@ class QuantizedInputs(nn.Module):
     Args:
         layer: the layer (its weights are expected to be quantized already).
         scale: 0-dim input scale.
-        bits: bit-width of the input grid.
+        bits: bit-width of the input grid; 32 leaves the inputs as they are.
         signed: signed narrow grid or unsigned grid (see :func:`triqdef.quant.quant_range`).
         num_inputs: how many leading positional inputs to quantize (3 for attention).
 
@@ -59,7 +59,7 @@ class QuantizedInputs(nn.Module):
             same = next((j for j in range(i) if originals[j] is x), None)
             if same is not None:
                 args[i] = args[same]  # self-attention: keep `key is query`
-            elif isinstance(x, torch.Tensor) and x.is_floating_point():
+            elif self.bits < 32 and isinstance(x, torch.Tensor) and x.is_floating_point():
                 args[i] = fake_quantize_activation(x, self.input_scale, self.bits, self.signed)
         return self.layer(*args, **kwargs)
 
@@ -80,8 +80,10 @@ def export_model(wrapper: TriQDefWrapper, bits: int) -> nn.Module:
     Each quantized layer's weights are replaced by their quantized values and
     the layer is placed inside a :class:`QuantizedInputs` that applies the
     frozen input quantizer; BatchNorm layers receive the ``bits``-bit running
-    statistics. The user's own hooks are kept; triqdef's are removed. The
-    wrapper and its model are not modified.
+    statistics. A layer that reads the model's own input gets the input grid of
+    ``max(bits, wrapper.input_bits)`` bits (none at 32), as in the wrapper. The
+    user's own hooks are kept; triqdef's are removed. The wrapper and its model
+    are not modified.
 
     Args:
         wrapper: a :class:`~triqdef.TriQDefWrapper`.
@@ -92,7 +94,10 @@ def export_model(wrapper: TriQDefWrapper, bits: int) -> nn.Module:
 
     Raises:
         ConfigError: ``bits`` is not one of the wrapper's bit-widths.
-        NotCalibratedError: the ``bits``-bit observers have never seen data.
+        NotCalibratedError: the ``bits``-bit observers have never seen data, or
+            ``bits < wrapper.input_bits`` and no forward below 32 bits has shown
+            which layer reads the model's input yet (after ``load_state_dict``; a
+            file from [`triqdef.load`][triqdef.io.load] records it).
     """
     wrapper._check_attached()
     if isinstance(bits, bool) or bits not in wrapper.bits:
@@ -102,12 +107,23 @@ def export_model(wrapper: TriQDefWrapper, bits: int) -> nn.Module:
     from .wrapper import _key
 
     names = wrapper.quantized_layers()
+    grids = {name: bits for name in names}
+    floor = wrapper.input_bits
+    if index is not None and floor is not None and bits < floor:
+        readers = [wrapper.quantizers[_key(n)].reads_input for n in names]
+        if all(r is None for r in readers):
+            raise NotCalibratedError(
+                f"export({bits}) with input_bits={floor} needs to know which layer reads the "
+                "model's input: run one forward below 32 bits first (e.g. in eval mode)"
+            )
+        grids.update({n: floor for n, r in zip(names, readers) if r})
     scales = {}
     if index is not None:  # fail before copying anything
         for name in names:
-            scales[name] = wrapper.quantizers[_key(name)].scale(index)
+            scales[name] = wrapper.quantizers[_key(name)].scale(index, grids[name])
 
     owners = [*wrapper.quantizers.values(), *wrapper.bn_stats.values(), wrapper._taps]
+    owners += [wrapper._ctx, wrapper._bn_rows_hooks]
     memo = {id(o): o for o in owners}  # hooks' owners are shared, then the hooks dropped
     model = copy.deepcopy(wrapper.model, memo)
     _remove_hooks(model, {h.id for h in wrapper._handles})
@@ -131,7 +147,7 @@ def export_model(wrapper: TriQDefWrapper, bits: int) -> nn.Module:
             w = owner._parameters[pname]
             owner._parameters[pname] = nn.Parameter(fake_quantize_weight(w, bits), False)
         scale, signed = scales[name]
-        wrapped = QuantizedInputs(layer, scale, bits, signed, q.num_inputs)
+        wrapped = QuantizedInputs(layer, scale, grids[name], signed, q.num_inputs)
         if not name:
             return wrapped
         parent, _, child = name.rpartition(".")

@@ -35,6 +35,17 @@ def _architecture(wrapper) -> str:
     return hashlib.sha256("\n".join(desc).encode()).hexdigest()[:16]
 
 
+def _input_layers(wrapper) -> list[str] | None:
+    """The quantized layers seen reading the model's own input (None: not seen yet)."""
+    from .wrapper import _key
+
+    names = wrapper.quantized_layers()
+    readers = [wrapper.quantizers[_key(n)].reads_input for n in names]
+    if all(r is None for r in readers):
+        return None
+    return [n for n, r in zip(names, readers) if r]
+
+
 def _metadata(wrapper, kind: str, **extra) -> dict[str, str]:
     meta = {
         "format": _FORMAT,
@@ -44,6 +55,8 @@ def _metadata(wrapper, kind: str, **extra) -> dict[str, str]:
         "layers": json.dumps(list(wrapper.layers)),
         "exclude": json.dumps(list(wrapper.exclude)),
         "per_bit_bn": json.dumps(wrapper.per_bit_bn),
+        "input_bits": json.dumps(wrapper.input_bits),
+        "input_layers": json.dumps(_input_layers(wrapper)),
         "model_class": type(wrapper.model).__qualname__,
         "architecture": _architecture(wrapper),
     }
@@ -115,7 +128,9 @@ def save(wrapper: TriQDefWrapper, path: PathLike) -> None:
     """Save weights, every per-bit quantizer and BatchNorm state, and metadata.
 
     The file is a safetensors file whose metadata records the format version,
-    ``bits``, ``layers``, ``exclude`` and a fingerprint of the architecture. It is
+    ``bits``, ``layers``, ``exclude``, ``per_bit_bn``, ``input_bits`` (and which
+    layers read the model's input, for ``export`` after a load) and a fingerprint
+    of the architecture. It is
     written to a temporary file and renamed, so an interrupted save never leaves
     a file that loads.
 
@@ -147,9 +162,11 @@ def load(wrapper: TriQDefWrapper, path: PathLike) -> None:
     """Load a file written by :func:`save` into ``wrapper``, in place.
 
     Everything is read and checked before anything is copied: a file made for
-    other bit-widths, layers or another architecture, or a truncated or corrupt
-    file, raises :class:`~triqdef.errors.CheckpointError` and leaves the wrapper
-    unchanged.
+    other bit-widths, layers, ``input_bits`` or another architecture, or a
+    truncated or corrupt file, raises
+    [`CheckpointError`][triqdef.errors.CheckpointError] and leaves the wrapper
+    unchanged. A file written before ``input_bits`` existed counts as
+    ``input_bits=None`` (its input was quantized like any layer input).
 
     Args:
         wrapper: a :class:`~triqdef.TriQDefWrapper` built like the saved one.
@@ -169,6 +186,7 @@ def load(wrapper: TriQDefWrapper, path: PathLike) -> None:
         ("layers", list(wrapper.layers)),
         ("exclude", list(wrapper.exclude)),
         ("per_bit_bn", wrapper.per_bit_bn),
+        ("input_bits", wrapper.input_bits),  # absent from older files: None
     ):
         theirs = json.loads(meta.get(field, "null"))
         if theirs != mine:
@@ -181,7 +199,21 @@ def load(wrapper: TriQDefWrapper, path: PathLike) -> None:
             f"fingerprint {meta.get('architecture')}) than this wrapper's "
             f"{type(wrapper.model).__qualname__} (fingerprint {_architecture(wrapper)})"
         )
+    from .wrapper import _key
+
+    try:
+        readers = json.loads(meta.get("input_layers", "null"))
+    except ValueError:
+        readers = "?"
+    known = wrapper.quantized_layers()
+    if readers is not None and (
+        not isinstance(readers, list) or any(n not in known for n in readers)
+    ):
+        raise CheckpointError(f"{path}: its input_layers entry {readers!r} names no known layer")
     wrapper.load_state_dict(tensors)
+    if readers is not None:
+        for name in known:
+            wrapper.quantizers[_key(name)].reads_input = name in readers
 
 
 def save_quantized(wrapper: TriQDefWrapper, path: PathLike, bits: int) -> None:

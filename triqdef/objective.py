@@ -142,15 +142,36 @@ def _mix(w: TriQDefWrapper, x: Tensor, y: Tensor, patch) -> tuple[Tensor, Tensor
 
 
 # --- one bit-width ---------------------------------------------------------------------------
+@contextlib.contextmanager
+def _rows(w: TriQDefWrapper, n_clean: int, n_total: int):
+    """Tell the hooks that the batch's first ``n_clean`` of ``n_total`` rows are clean."""
+    previous = w._ctx.rows
+    w._ctx.rows = (n_clean, n_total)
+    try:
+        yield
+    finally:
+        w._ctx.rows = previous
+
+
 def _run_bit(
-    w: TriQDefWrapper, bits: int, x_in: Tensor, y: Tensor, n_clean: int, graph: bool, check=None
+    w: TriQDefWrapper,
+    bits: int,
+    x_in: Tensor,
+    y: Tensor,
+    n_clean: int,
+    graph: bool,
+    check=None,
+    penalties: bool = True,
 ):
     """Forward at ``bits``; returns (logits, CE clean, CE adv, feature descriptors, gradient
     descriptors). With ``graph=False`` the input gradient is taken without a double-backward
-    graph (values only). ``check=x`` validates values and labels right after the forward."""
-    fdp, gpdp = w.lambda_fdp != 0, w.lambda_gpdp != 0
+    graph (values only). ``check=x`` validates values and labels right after the forward.
+    ``penalties=False`` (a bit-width outside the ``penalty_bits`` sample) runs a plain
+    forward: no taps, no input gradient, no descriptors."""
+    fdp, gpdp = penalties and w.lambda_fdp != 0, penalties and w.lambda_gpdp != 0
     with w.at_bits(bits), w._taps.capture() if fdp else contextlib.nullcontext():
-        logits = w.model(x_in)
+        with _rows(w, n_clean, x_in.shape[0]):  # bn_rows="clean" reads it
+            logits = w.model(x_in)
         feats = w._taps.pop() if fdp else {}
     if check is not None:
         _check_values(logits, check, y, x_in, n_clean)
@@ -196,15 +217,17 @@ class _Replay(torch.autograd.Function):
 
 
 class _ReplayState:
-    def __init__(self, w, bits, x_mixed, y, n_clean, rng, f_desc, g_desc, tensors, x_index):
+    def __init__(self, w, bits, sample, x_mixed, y, n_clean, rng, f_desc, g_desc, tensors, x_index):
         self.w, self.bits, self.x, self.y, self.n_clean = w, bits, x_mixed, y, n_clean
-        self.rng, self.f_desc, self.g_desc = rng, f_desc, g_desc
+        self.sample = sample  # the penalty_bits draw of the forward, reused here
+        self.rng, self.f_desc, self.g_desc = rng, f_desc, g_desc  # descriptors: sample only
         self.tensors, self.x_index = tensors, x_index
 
     def gradients(self, grad_out: Tensor) -> list[Tensor | None]:
         w, k = self.w, len(self.bits)
         device = self.x.device
         needs_x = self.x_index is not None or w.lambda_gpdp != 0
+        factor = _sum_factor(w, k, len(self.sample))
         grads: list[Tensor | None] = [None] * len(self.tensors)
         params = [t for i, t in enumerate(self.tensors) if i != self.x_index]
         snapshot = _Snapshot(w)
@@ -214,19 +237,23 @@ class _ReplayState:
             with torch.enable_grad():
                 for i, bits in enumerate(self.bits):
                     _set_rng_states(self.rng[i], device)
-                    x_in = self.x.detach().requires_grad_(needs_x)
+                    s = self.sample.index(bits) if bits in self.sample else None
+                    x_in = self.x.detach()
+                    x_in.requires_grad_(needs_x if s is not None else self.x_index is not None)
                     _, ce_clean, ce_adv, f_desc, g_desc = _run_bit(
-                        w, bits, x_in, self.y, self.n_clean, graph=True
+                        w, bits, x_in, self.y, self.n_clean, graph=True, penalties=s is not None
                     )
                     loss = (ce_clean + w.lambda_adv * ce_adv) / k
                     if f_desc:
-                        mine = [f_desc if j == i else d for j, d in enumerate(self.f_desc)]
+                        mine = [f_desc if j == s else d for j, d in enumerate(self.f_desc)]
                         for sim in _feature_sims(mine, self.f_desc, w.alpha, w.beta):
-                            loss = loss + w.lambda_fdp * penalty(sim, w.pairs, only=i)
+                            pen = _scaled(penalty(sim, w.pairs, only=s), factor)
+                            loss = loss + w.lambda_fdp * pen
                     if g_desc is not None:
-                        mine = [g_desc if j == i else d for j, d in enumerate(self.g_desc)]
+                        mine = [g_desc if j == s else d for j, d in enumerate(self.g_desc)]
                         sim = pair_similarity(mine, self.g_desc, w.alpha, w.beta)
-                        loss = loss + w.lambda_gpdp * penalty(sim, w.pairs, only=i)
+                        pen = _scaled(penalty(sim, w.pairs, only=s), factor)
+                        loss = loss + w.lambda_gpdp * pen
                     inputs = params + ([x_in] if self.x_index is not None else [])
                     got = torch.autograd.grad(loss * grad_out, inputs, allow_unused=True)
                     got = list(got)
@@ -247,13 +274,14 @@ def triqdef_loss(w: TriQDefWrapper, x: Tensor, y: Tensor, patch=None) -> Tensor:
     w._check_attached()
     _check_inputs(w, x, y, patch)
     bits = w.active_bits
+    sample = _draw_penalty_bits(w, bits)
     snapshot = _Snapshot(w)
     try:
         x_mixed, y_mixed, n_clean = _mix(w, x, y, patch)
         if w.memory_bounded:
-            loss = _memory_bounded(w, bits, x, x_mixed, y_mixed, n_clean)
+            loss = _memory_bounded(w, bits, sample, x, x_mixed, y_mixed, n_clean)
         else:
-            loss = _exact(w, bits, x, x_mixed, y_mixed, n_clean)
+            loss = _exact(w, bits, sample, x, x_mixed, y_mixed, n_clean)
     except BaseException:
         snapshot.restore()
         raise
@@ -274,7 +302,38 @@ def _needs_input_grad(w) -> bool:
     return w.lambda_gpdp != 0
 
 
-def _exact(w, bits, x, x_mixed, y_mixed, n_clean) -> Tensor:
+# --- penalty_bits: the sampled pair penalty -------------------------------------------------
+def _draw_penalty_bits(w: TriQDefWrapper, bits: tuple[int, ...]) -> tuple[int, ...]:
+    """The active bit-widths whose pairs enter FDP and GPDP in this call.
+
+    All of ``bits`` (and no random number drawn) when ``w.penalty_bits`` is None or at
+    least ``len(bits)``; otherwise ``penalty_bits`` of them, uniformly without replacement,
+    from torch's global CPU generator (so identically seeded DDP ranks draw the same),
+    kept in the order of ``bits``.
+    """
+    m = w.penalty_bits
+    if m is None or m >= len(bits):
+        return bits
+    picked = sorted(torch.randperm(len(bits), device="cpu")[:m].tolist())
+    return tuple(bits[i] for i in picked)
+
+
+def _sum_factor(w: TriQDefWrapper, k: int, m: int) -> float | None:
+    """Factor that makes the sampled ordered-pair sum unbiased: ``K (K-1) / (m (m-1))``.
+
+    None when nothing is sampled (``m == K``) or with ``pairs="mean"``, whose mean over
+    the sampled pairs is already unbiased.
+    """
+    if m >= k or w.pairs != "sum":
+        return None
+    return k * (k - 1) / (m * (m - 1))
+
+
+def _scaled(value: Tensor, factor: float | None) -> Tensor:
+    return value if factor is None else value * factor
+
+
+def _exact(w, bits, sample, x, x_mixed, y_mixed, n_clean) -> Tensor:
     gpdp = _needs_input_grad(w)
     x_in = x_mixed
     if gpdp and not x_in.requires_grad:
@@ -283,16 +342,28 @@ def _exact(w, bits, x, x_mixed, y_mixed, n_clean) -> Tensor:
     grad_ctx = torch.enable_grad() if gpdp else contextlib.nullcontext()
     with grad_ctx:
         for i, b in enumerate(bits):
+            on = b in sample  # outside the penalty_bits sample: a plain forward
             _, ce_clean[b], ce_adv[b], fd, gd = _run_bit(
-                w, b, x_in, y_mixed, n_clean, graph=True, check=x if i == 0 else None
+                w,
+                b,
+                x_in if on else x_mixed,
+                y_mixed,
+                n_clean,
+                graph=True,
+                check=x if i == 0 else None,
+                penalties=on,
             )
-            f_desc.append(fd)
-            g_desc.append(gd)
-        return _combine(w, bits, ce_clean, ce_adv, f_desc, g_desc, x_mixed.shape[0] - n_clean)
+            if on:
+                f_desc.append(fd)
+                g_desc.append(gd)
+        n_adv = x_mixed.shape[0] - n_clean
+        return _combine(w, bits, sample, ce_clean, ce_adv, f_desc, g_desc, n_adv)
 
 
-def _combine(w, bits, ce_clean, ce_adv, f_desc, g_desc, n_adv) -> Tensor:
-    k = len(bits)
+def _combine(w, bits, sample, ce_clean, ce_adv, f_desc, g_desc, n_adv) -> Tensor:
+    """The total and its terms; ``f_desc`` / ``g_desc`` hold the bit-widths of ``sample``."""
+    k = len(sample)
+    factor = _sum_factor(w, len(bits), k)
     clean = torch.stack(list(ce_clean.values())).mean()
     adv = torch.stack(list(ce_adv.values())).mean()
     total = clean + w.lambda_adv * adv
@@ -302,20 +373,23 @@ def _combine(w, bits, ce_clean, ce_adv, f_desc, g_desc, n_adv) -> Tensor:
     sims = {}
     if w.lambda_fdp != 0 and n_adv and w.layers:
         layer_sims = _feature_sims(f_desc, None, w.alpha, w.beta)
-        fdp = sum(penalty(s, w.pairs) for s in layer_sims)
+        fdp = _scaled(sum(penalty(s, w.pairs) for s in layer_sims), factor)
         total = total + w.lambda_fdp * fdp
         terms["fdp"] = fdp
         sims["fdp"] = sum(layer_sims)
     if w.lambda_gpdp != 0 and n_adv:
         sim = pair_similarity(g_desc, None, w.alpha, w.beta)
-        gpdp = penalty(sim, w.pairs)
+        gpdp = _scaled(penalty(sim, w.pairs), factor)
         total = total + w.lambda_gpdp * gpdp
         terms["gpdp"] = gpdp
         sims["gpdp"] = sim
     for name, sim in sims.items():
         for i in range(k):
             for j in range(i + 1, k):
-                terms[f"{name}/{bits[i]}-{bits[j]}"] = sim[i, j]
+                terms[f"{name}/{sample[i]}-{sample[j]}"] = sim[i, j]
+    if len(sample) < len(bits):  # penalty_bits drew a subset: 1 = in the sample, 0 = not
+        for b in bits:
+            terms[f"penalty_bits/{b}"] = total.new_ones(()) if b in sample else total.new_zeros(())
     terms["total"] = total
     w._last_terms = {name: t.detach() for name, t in terms.items()}
     if w.check_finite and not bool(torch.isfinite(total)):
@@ -331,26 +405,38 @@ def _combine(w, bits, ce_clean, ce_adv, f_desc, g_desc, n_adv) -> Tensor:
     return total
 
 
-def _memory_bounded(w, bits, x, x_mixed, y_mixed, n_clean) -> Tensor:
-    gpdp = _needs_input_grad(w)
+def _memory_bounded(w, bits, sample, x, x_mixed, y_mixed, n_clean) -> Tensor:
     device = x_mixed.device
     ce_clean, ce_adv, f_desc, g_desc, rng = {}, {}, [], [], []
     for i, b in enumerate(bits):
         rng.append(_rng_states(device))
+        on = b in sample  # outside the penalty_bits sample: a plain forward
+        gpdp = on and _needs_input_grad(w)
         x_in = x_mixed.detach().requires_grad_(gpdp)
         with torch.enable_grad() if gpdp else torch.no_grad():
             logits, c, a, fd, gd = _run_bit(
-                w, b, x_in, y_mixed, n_clean, graph=False, check=x if i == 0 else None
+                w,
+                b,
+                x_in,
+                y_mixed,
+                n_clean,
+                graph=False,
+                check=x if i == 0 else None,
+                penalties=on,
             )
         ce_clean[b], ce_adv[b] = c.detach(), a.detach()
-        f_desc.append([d.detach() for d in fd])
-        g_desc.append(gd.detach() if gd is not None else None)
+        if on:
+            f_desc.append([d.detach() for d in fd])
+            g_desc.append(gd.detach() if gd is not None else None)
         del logits, c, a, fd, gd, x_in
-    value = _combine(w, bits, ce_clean, ce_adv, f_desc, g_desc, x_mixed.shape[0] - n_clean)
+    n_adv = x_mixed.shape[0] - n_clean
+    value = _combine(w, bits, sample, ce_clean, ce_adv, f_desc, g_desc, n_adv)
     tensors = [p for p in w.parameters() if p.requires_grad]
     x_index = None
     if x_mixed.requires_grad:
         x_index = len(tensors)
         tensors.append(x_mixed)
-    replay = _ReplayState(w, bits, x_mixed, y_mixed, n_clean, rng, f_desc, g_desc, tensors, x_index)
+    replay = _ReplayState(
+        w, bits, sample, x_mixed, y_mixed, n_clean, rng, f_desc, g_desc, tensors, x_index
+    )
     return _Replay.apply(value, replay, *tensors)

@@ -16,6 +16,8 @@ Grids (zero-point fixed at 0 everywhere):
   ``scale = max(|min|, |max|) / (2^(b-1) - 1)``. The choice is made once, at
   the first observation, and kept.
 * 32 bits is the identity: no quantizer runs at all.
+* The model's own input, read by a layer, uses the grid of ``max(bits, input_bits)``
+  bits (``BitContext.input_bits``; none at 32), with the same observer.
 
 The straight-through estimator comes from PyTorch's fused fake-quant ops:
 the gradient is 1 where the value fell inside the grid's range and 0 where it
@@ -25,9 +27,10 @@ was clipped, and the op supports double backward.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .errors import NotCalibratedError
+from .errors import ConfigError, NotCalibratedError
 
 __all__ = [
     "quant_range",
@@ -37,6 +40,7 @@ __all__ = [
     "fake_quantize_activation",
     "LayerQuantizer",
     "BatchNormStats",
+    "CleanRowsBatchNorm",
 ]
 
 _UNSEEN, _UNSIGNED, _SIGNED = 0, 1, 2
@@ -129,21 +133,52 @@ class BitContext:
 
     ``index`` is the position in ``qbits`` (the bit-widths below 32), or ``None``
     when 32 bits (the identity) is active. ``observe=False`` freezes every
-    observer (used while a memory-bounded backward replays a forward pass).
+    observer (used while a memory-bounded backward replays a forward pass, and by
+    ``calibrate(observers=False)``).
+
+    ``input_bits`` is the floor of the grid of the model's own input (``None``: no
+    floor); while a forward of the whole model runs, ``record_input`` holds its
+    tensor arguments so that a layer can tell whether it reads them
+    (``is_input``). ``rows`` is ``(n_clean, n_total)`` while the objective runs
+    a mixed batch whose first ``n_clean`` rows are clean, else ``None``.
     """
 
-    __slots__ = ("qbits", "index", "observe")
+    __slots__ = ("qbits", "index", "observe", "input_bits", "rows", "_inputs")
 
-    def __init__(self, qbits: tuple[int, ...]) -> None:
+    def __init__(self, qbits: tuple[int, ...], input_bits: int | None = None) -> None:
         self.qbits = qbits
         self.index: int | None = None
         self.observe = True
+        self.input_bits = input_bits
+        self.rows: tuple[int, int] | None = None
+        self._inputs: dict[int, tuple[torch.Tensor, ...]] = {}
 
     def __getstate__(self) -> dict:
-        return {"qbits": self.qbits, "index": self.index}
+        return {"qbits": self.qbits, "index": self.index, "input_bits": self.input_bits}
 
     def __setstate__(self, state: dict) -> None:
-        self.qbits, self.index, self.observe = state["qbits"], state["index"], True
+        self.__init__(state["qbits"], state.get("input_bits"))
+        self.index = state["index"]
+
+    def record_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook of the root model: hold its tensor arguments (below 32 bits)."""
+        if self.index is not None and self.input_bits is not None:
+            tensors = (*args, *kwargs.values())
+            self._inputs[id(module)] = tuple(t for t in tensors if isinstance(t, torch.Tensor))
+        return None
+
+    def forget_input(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+        """Forward hook of the root model (always called): drop what it held."""
+        self._inputs.pop(id(module), None)
+        return None
+
+    def inside_model(self) -> bool:
+        """Whether a forward of the whole model is running (below 32 bits)."""
+        return bool(self._inputs)
+
+    def is_input(self, x) -> bool:
+        """Whether ``x`` is (the very object of) one of the model's own inputs."""
+        return any(x is t for ts in self._inputs.values() for t in ts)
 
 
 class LayerQuantizer(nn.Module):
@@ -156,6 +191,12 @@ class LayerQuantizer(nn.Module):
 
     Weights need no buffer: their per-channel scale is read off the current
     shared weight at every call, so it always matches the weights being trained.
+
+    ``reads_input`` (host side, not a buffer) says whether the layer was seen
+    reading the model's own input: ``None`` until a forward of the whole model ran
+    below 32 bits with an input-grid floor (``BitContext.input_bits``), then
+    ``True`` once it has read it. Such a layer quantizes its inputs at
+    ``max(bits, input_bits)`` bits (not at all at 32), with the same observer row.
 
     Args:
         ctx: the wrapper's :class:`BitContext`.
@@ -185,6 +226,7 @@ class LayerQuantizer(nn.Module):
         self.momentum = momentum
         self._kind_cache: list[int | None] = [None] * k
         self._stash: list[list[tuple[nn.Module, str, torch.Tensor]]] = []
+        self.reads_input: bool | None = None
 
     def extra_repr(self) -> str:
         return f"weights={[p if not m else f'{m}.{p}' for m, p in self.weights]}, " + (
@@ -216,8 +258,11 @@ class LayerQuantizer(nn.Module):
                 self._kind_cache[index] = kind
         return kind
 
-    def scale(self, index: int) -> tuple[torch.Tensor, bool]:
-        """``(scale, signed)`` of the input quantizer of bit-width number ``index``."""
+    def scale(self, index: int, bits: int | None = None) -> tuple[torch.Tensor, bool]:
+        """``(scale, signed)`` of the input quantizer of bit-width number ``index``.
+
+        ``bits`` sets the grid (default: that bit-width); the observed range is the same.
+        """
         kind = self._kind(index)
         if kind == _UNSEEN:
             raise NotCalibratedError(
@@ -225,9 +270,8 @@ class LayerQuantizer(nn.Module):
                 "training-mode forward at that bit-width or wrapper.calibrate(batches) first"
             )
         signed = kind == _SIGNED
-        return activation_scale(
-            self.act_min[index], self.act_max[index], self._ctx.qbits[index], signed
-        ), signed
+        bits = self._ctx.qbits[index] if bits is None else bits
+        return activation_scale(self.act_min[index], self.act_max[index], bits, signed), signed
 
     def observe(self, x: torch.Tensor, index: int) -> None:
         """Update the moving-average min/max of bit-width number ``index`` with ``x``."""
@@ -244,12 +288,35 @@ class LayerQuantizer(nn.Module):
                 self.act_min[index].lerp_(lo, self.momentum)
                 self.act_max[index].lerp_(hi, self.momentum)
 
-    def quantize_input(self, x: torch.Tensor, index: int, training: bool) -> torch.Tensor:
-        """Observe (in training mode) and fake-quantize one input tensor."""
+    def quantize_input(
+        self, x: torch.Tensor, index: int, training: bool, bits: int | None = None
+    ) -> torch.Tensor:
+        """Observe (in training mode) and fake-quantize one input tensor.
+
+        ``bits`` sets the grid (default: bit-width number ``index``); at 32 the input
+        is observed but passes unchanged.
+        """
         if training and self._ctx.observe:
             self.observe(x, index)
-        scale, signed = self.scale(index)
-        return fake_quantize_activation(x, scale, self._ctx.qbits[index], signed)
+        bits = self._ctx.qbits[index] if bits is None else bits
+        scale, signed = self.scale(index, bits)
+        if bits >= 32:
+            return x
+        return fake_quantize_activation(x, scale, bits, signed)
+
+    def _input_grid(self, args: list, bits: int) -> int:
+        """The grid of this call's inputs: ``bits``, or the input floor for a layer that
+        reads the model's own input (recorded in ``reads_input``)."""
+        ctx = self._ctx
+        if ctx.input_bits is None or not ctx.inside_model():
+            return bits
+        n = min(self.num_inputs, len(args))
+        if any(ctx.is_input(args[i]) for i in range(n)):
+            self.reads_input = True
+            return max(bits, ctx.input_bits)
+        if self.reads_input is None:
+            self.reads_input = False
+        return bits
 
     # --- hooks -----------------------------------------------------------------------
     def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
@@ -259,12 +326,13 @@ class LayerQuantizer(nn.Module):
             return None
         bits = self._ctx.qbits[index]
         args = list(args)
+        grid = self._input_grid(args, bits)
         done: dict[int, torch.Tensor] = {}  # keeps `key is query` identity for attention
         for i in range(min(self.num_inputs, len(args))):
             x = args[i]
             if isinstance(x, torch.Tensor) and x.is_floating_point():
                 if id(x) not in done:
-                    done[id(x)] = self.quantize_input(x, index, module.training)
+                    done[id(x)] = self.quantize_input(x, index, module.training, grid)
                 args[i] = done[id(x)]
         swapped: list[tuple[nn.Module, str, torch.Tensor]] = []
         self._stash.append(swapped)
@@ -331,4 +399,79 @@ class BatchNormStats(nn.Module):
         if self._stash:
             for name, value in zip(self._names, self._stash.pop()):
                 module._buffers[name] = value
+        return None
+
+
+class CleanRowsBatchNorm:
+    """Hooks that update BatchNorm running statistics from the clean rows only.
+
+    While the objective runs a mixed batch ``[clean rows; patched rows]``
+    (``BitContext.rows = (n_clean, n_total)``) and the layer is in training mode,
+    the pre-hook turns BatchNorm's own running-statistics update off for that call
+    (the layer still normalises with the whole batch's statistics) and the forward
+    hook applies the update BatchNorm would have made from the first ``n_clean``
+    rows alone: to whichever statistics are in the layer at that moment (the
+    active bit-width's rows, or the model's own at 32 bits), with BatchNorm's
+    momentum or, for ``momentum=None``, its cumulative average. Nothing moves while
+    observers are frozen (``BitContext.observe=False``: a memory-bounded replay),
+    nor when fewer than two clean values per channel exist. Outside the objective
+    (``rows is None``) the hooks do nothing.
+
+    Register the forward hook before any hook that swaps statistics back
+    ([`BatchNormStats`][triqdef.quant.BatchNormStats]), so that the update lands in the active ones.
+
+    Args:
+        ctx: the wrapper's ``BitContext``.
+    """
+
+    def __init__(self, ctx: BitContext) -> None:
+        self._ctx = ctx
+        self._held: dict[int, torch.Tensor] = {}
+
+    def __getstate__(self) -> dict:
+        return {"ctx": self._ctx}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["ctx"])
+
+    def pre_hook(self, name: str, module: nn.Module, args: tuple) -> None:
+        """Forward pre-hook: hold the input and switch BatchNorm's own update off."""
+        rows = self._ctx.rows
+        if rows is None or not module.training or not module.track_running_stats:
+            return None
+        n_clean, n_total = rows
+        x = args[0] if args else None
+        if not isinstance(x, torch.Tensor) or x.ndim < 2 or x.shape[0] != n_total:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ConfigError(
+                f"bn_rows='clean': BatchNorm layer {name!r} got an input of shape {got}, "
+                f"but the batch has {n_total} rows; it needs inputs whose first dimension "
+                "is the batch (use bn_rows='all' for this model)"
+            )
+        if n_clean >= n_total:  # nothing patched: BatchNorm's own update is the clean one
+            return None
+        module.track_running_stats = False
+        self._held[id(module)] = x
+        return None
+
+    def post_hook(self, name: str, module: nn.Module, args: tuple, output) -> None:
+        """Forward hook (always called): switch the update back on, apply the clean one."""
+        x = self._held.pop(id(module), None)
+        if x is None:
+            return None
+        module.track_running_stats = True
+        rows = self._ctx.rows
+        if output is None or rows is None or not self._ctx.observe:
+            return None
+        clean = x[: rows[0]].detach()
+        if clean.numel() < 2 * clean.shape[1]:  # no variance from one value per channel
+            return None
+        with torch.no_grad():
+            module.num_batches_tracked.add_(1)
+            if module.momentum is None:  # cumulative moving average, as BatchNorm does
+                factor = 1.0 / float(module.num_batches_tracked)
+            else:
+                factor = module.momentum
+            stats = (module.running_mean, module.running_var)
+            F.batch_norm(clean, *stats, training=True, momentum=factor, eps=module.eps)
         return None

@@ -7,20 +7,28 @@ import contextlib
 import difflib
 import functools
 import math
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from .attacks.patching import PatchSource, RandomPatch
-from .errors import ConfigError, DetachedError, InputError, LayerNotFoundError
+from .errors import (
+    ConfigError,
+    DetachedError,
+    InputError,
+    LayerNotFoundError,
+    NotCalibratedError,
+)
 from .losses import PAIR_MODES, DescriptorConfig
-from .quant import BatchNormStats, BitContext, LayerQuantizer
+from .quant import BatchNormStats, BitContext, CleanRowsBatchNorm, LayerQuantizer
 from .taps import FeatureTaps
 
 __all__ = ["TriQDefWrapper", "DEFAULT_BITS"]
 
 DEFAULT_BITS = (32, 8, 5, 4, 2)
+BN_ROWS = ("all", "clean")
 _QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
@@ -45,6 +53,46 @@ def _check_bits(bits: Iterable[int]) -> tuple[int, ...]:
     if dup:
         raise ConfigError(f"bits {bits} lists {dup} more than once")
     return tuple(sorted(bits, reverse=True))
+
+
+def _check_penalty_bits(m) -> int | None:
+    if m is None:
+        return None
+    if isinstance(m, bool) or not isinstance(m, int) or m < 2:
+        raise ConfigError(
+            "penalty_bits must be None (every pair of active bit-widths) or an int >= 2 "
+            f"(a pair needs two bit-widths), got {m!r}"
+        )
+    return m
+
+
+def _check_input_bits(b) -> int | None:
+    if b is None:
+        return None
+    if isinstance(b, bool) or not isinstance(b, int) or not 2 <= b <= 32:
+        raise ConfigError(
+            "input_bits must be None (the model's input quantized like any layer input) or "
+            f"an int in [2, 32] (the fewest bits its input is quantized to), got {b!r}"
+        )
+    return b
+
+
+def _fdp_off_message(model: nn.Module, lambda_fdp: float) -> str:
+    """The warning for FDP weighted but tapping nothing, with layers worth tapping."""
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    head = linears[-1] if linears else None  # the final classifier, not worth tapping
+
+    def is_head(name: str) -> bool:
+        return head is not None and (head == name or head.startswith(name + "."))
+
+    names = [n for n, _ in model.named_children() if not is_head(n)]
+    if not names:  # a flat model: any named module
+        names = [n for n, _ in model.named_modules() if n and not is_head(n)]
+    hint = f"e.g. layers={names[:5]}" if names else "layers=[...]"
+    return (
+        f"lambda_fdp={lambda_fdp} but layers=(): the Feature Disalignment Penalty is off. "
+        f"Tap early-middle layers, {hint}, or pass lambda_fdp=0 to say FDP is meant to be off"
+    )
 
 
 def _check_names(model: nn.Module, names, what: str) -> tuple[str, ...]:
@@ -183,6 +231,47 @@ class TriQDefWrapper(nn.Module):
         check_finite: raise :class:`~triqdef.errors.NonFiniteLossError` instead of
             returning a NaN/Inf loss (one host synchronisation per call).
         descriptor: settings of the perceptual descriptors (quantile, sharpness, HOG).
+        penalty_bits: ``None`` (default: FDP and GPDP over every pair of active
+            bit-widths, the exact objective) or an int ``m >= 2``: each :meth:`loss`
+            call draws ``m`` of the ``K`` active bit-widths uniformly without
+            replacement and computes FDP and GPDP over the pairs inside that sample
+            only; only those ``m`` bit-widths build a double-backward graph, the
+            others run a plain forward for their cross-entropy, which stays over all
+            ``K``. The estimate is unbiased: ``pairs="mean"`` averages the sampled
+            pairs, ``pairs="sum"`` scales their ordered sum by ``K (K-1) / (m (m-1))``.
+            With ``m >= K`` every bit-width is used and the result is exactly that of
+            ``None``, with no random number drawn. The draw uses torch's global CPU
+            generator (``torch.randperm``): seed it with ``torch.manual_seed`` to
+            reproduce it, and seed every DDP rank identically so that all ranks draw
+            the same bit-widths. A validated attribute: assigning an invalid value
+            raises :class:`~triqdef.errors.ConfigError` and keeps the old one.
+        bn_rows: where [`loss`][triqdef.TriQDefWrapper.loss] takes BatchNorm running
+            statistics from: ``"all"`` (default) the whole mixed batch, ``"clean"``
+            its clean rows only, so that evaluation on clean data is not normalised
+            with statistics of patched images. Either way the forward normalises with
+            the whole batch's statistics, and a forward outside the loss uses every
+            row. Applies to every bit-width's statistics (the model's own at 32 bits)
+            and to BatchNorm with ``momentum=None``; needs BatchNorm inputs whose first
+            dimension is the batch.
+        input_bits: the fewest bits the model's own input is quantized to (default
+            8; ``None``: no floor, the input is quantized at the active bit-width like
+            any other layer input). A layer that reads the model's input tensor itself
+            (the first convolution, usually) quantizes it at ``max(bits, input_bits)``
+            bits, and not at all at 32; its weights and every other layer stay at the
+            active bit-width. The paper quantizes activations after nonlinearities; a
+            raw image at 2 bits (4 grey levels) is not its setting. A layer that reads
+            a tensor computed from the input (e.g. normalised) is not affected.
+            Honoured by [`export`][triqdef.TriQDefWrapper.export] and
+            [`triqdef.save`][triqdef.io.save] / [`triqdef.load`][triqdef.io.load].
+
+    Raises:
+        ConfigError: an argument is not valid; nothing is attached to the model.
+        LayerNotFoundError: a name in ``layers`` or ``exclude`` is not a module of
+            the model.
+
+    Warns:
+        UserWarning: ``lambda_fdp > 0`` but ``layers`` is empty, so FDP is off; the
+            message names layers worth tapping.
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
@@ -216,6 +305,9 @@ class TriQDefWrapper(nn.Module):
         memory_bounded: bool = False,
         check_finite: bool = True,
         descriptor: DescriptorConfig | None = None,
+        penalty_bits: int | None = None,
+        bn_rows: str = "all",
+        input_bits: int | None = 8,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -250,6 +342,10 @@ class TriQDefWrapper(nn.Module):
             )
         if descriptor is not None and not isinstance(descriptor, DescriptorConfig):
             raise ConfigError(f"descriptor must be a DescriptorConfig, got {descriptor!r}")
+        penalty_bits = _check_penalty_bits(penalty_bits)
+        if not isinstance(bn_rows, str) or bn_rows not in BN_ROWS:
+            raise ConfigError(f"bn_rows must be one of {BN_ROWS}, got {bn_rows!r}")
+        input_bits = _check_input_bits(input_bits)
         for module in model.modules():
             for hook in (*module._forward_pre_hooks.values(), *module._forward_hooks.values()):
                 owner = getattr(hook, "__self__", None)
@@ -277,10 +373,13 @@ class TriQDefWrapper(nn.Module):
         self.patch_source = RandomPatch() if patch_source is None else patch_source
         self.memory_bounded, self.check_finite = bool(memory_bounded), bool(check_finite)
         self.descriptor = descriptor or DescriptorConfig()
+        self._penalty_bits = penalty_bits
         self.active_bits = bits
         self._last_terms: dict[str, torch.Tensor] = {}
         self._recent: collections.deque | None = None  # recent inputs, for BACT calibration
-        self._ctx = BitContext(tuple(b for b in bits if b < 32))
+        self.bn_rows, self.input_bits = bn_rows, input_bits
+        self._ctx = BitContext(tuple(b for b in bits if b < 32), input_bits)
+        self._bn_rows_hooks = CleanRowsBatchNorm(self._ctx)
         self._bits = bits[0]
         self._detached = False
         self._taps = FeatureTaps(layers)
@@ -302,6 +401,8 @@ class TriQDefWrapper(nn.Module):
         self._attach(points)
         self.training = model.training  # the wrapper starts in the model's mode
         self.set_bits(bits[0])
+        if self.lambda_fdp > 0 and not layers:
+            warnings.warn(_fdp_off_message(model, self.lambda_fdp), UserWarning, stacklevel=2)
 
     # --- hooks -------------------------------------------------------------------------
     def _attach(self, points: dict) -> None:
@@ -313,11 +414,30 @@ class TriQDefWrapper(nn.Module):
                 m.register_forward_hook(q.post_hook, with_kwargs=True, always_call=True)
             )
         for name, m in modules.items():
+            tracked = isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+            if self.bn_rows == "clean" and tracked:  # before `stats`: it swaps back after
+                rows = self._bn_rows_hooks
+                pre, post = (functools.partial(h, name) for h in (rows.pre_hook, rows.post_hook))
+                self._handles.append(m.register_forward_pre_hook(pre))
+                self._handles.append(m.register_forward_hook(post, always_call=True))
             stats = self.bn_stats[_key(name)] if _key(name) in self.bn_stats else None
             if stats is None:
                 continue
             self._handles.append(m.register_forward_pre_hook(stats.pre_hook))
             self._handles.append(m.register_forward_hook(stats.post_hook, always_call=True))
+        floor = self.input_bits
+        if floor is not None and any(b < floor for b in self._ctx.qbits):
+            ctx = self._ctx  # the model's own input: held for the layers' pre-hooks
+            self._handles.append(
+                self.model.register_forward_pre_hook(
+                    ctx.record_input, with_kwargs=True, prepend=True
+                )
+            )
+            self._handles.append(
+                self.model.register_forward_hook(
+                    ctx.forget_input, with_kwargs=True, always_call=True
+                )
+            )
         for name in self.layers:
             hook = functools.partial(self._taps.hook, name)
             self._handles.append(modules[name].register_forward_hook(hook))
@@ -387,6 +507,21 @@ class TriQDefWrapper(nn.Module):
             return self.model(x, **kwargs)
         return self.loss(x, y, patch)
 
+    @property
+    def penalty_bits(self) -> int | None:
+        """How many active bit-widths each :meth:`loss` call samples for FDP and GPDP.
+
+        ``None``: all of them (the exact objective). Assignable between steps (e.g.
+        ``wrapper.penalty_bits = None`` for a final exact phase); a value other than
+        ``None`` or an int ``>= 2`` raises :class:`~triqdef.errors.ConfigError` and
+        leaves the previous value in place.
+        """
+        return self._penalty_bits
+
+    @penalty_bits.setter
+    def penalty_bits(self, m: int | None) -> None:
+        self._penalty_bits = _check_penalty_bits(m)
+
     def set_active_bits(self, bits: Iterable[int]) -> TriQDefWrapper:
         """Choose the bit-widths that :meth:`loss` trains (a subset of ``bits``)."""
         try:
@@ -422,6 +557,11 @@ class TriQDefWrapper(nn.Module):
         gives the same gradients with one double-backward graph alive at a time,
         at the price of a second forward pass per bit-width.
 
+        With ``penalty_bits=m`` (fewer than the active bit-widths), FDP and GPDP are
+        an unbiased estimate over the pairs of ``m`` bit-widths drawn for this call
+        (the cross-entropy terms stay over every active bit-width); the memory-bounded
+        backward reuses the same draw.
+
         Args:
             x: images ``(B, C, H, W)`` on the model's device.
             y: class indices ``(B,)``.
@@ -447,7 +587,10 @@ class TriQDefWrapper(nn.Module):
 
         Keys: ``total``, ``clean``, ``adv``, ``clean/<b>``, ``adv/<b>`` per bit-width,
         ``fdp``, ``gpdp`` (when on) and ``fdp/<b_i>-<b_j>``, ``gpdp/<b_i>-<b_j>``:
-        the similarity of each pair (summed over tapped layers for FDP).
+        the similarity of each pair (summed over tapped layers for FDP). When
+        ``penalty_bits`` drew a subset of the active bit-widths, only the sampled pairs
+        appear, and ``penalty_bits/<b>`` is 1.0 for each sampled bit-width and 0.0
+        for the others (its running mean is the inclusion rate, ``m / K``).
         """
         if not self._last_terms:
             return {}
@@ -487,7 +630,9 @@ class TriQDefWrapper(nn.Module):
         return tuple(b for b in self.bits if b == 32 or ready[qbits.index(b)])
 
     @torch.no_grad()
-    def calibrate(self, batches: Iterable, bits: Iterable[int] | None = None) -> None:
+    def calibrate(
+        self, batches: Iterable, bits: Iterable[int] | None = None, observers: bool = True
+    ) -> None:
         """Reset and re-estimate observers and BatchNorm statistics at ``bits``.
 
         Each batch (a tensor, or a tuple whose first item is the input) is run
@@ -498,8 +643,21 @@ class TriQDefWrapper(nn.Module):
         Args:
             batches: an iterable of inputs, e.g. a few batches of a held-out loader.
             bits: bit-widths to calibrate (default: every bit-width below 32).
+            observers: also reset and re-estimate the activation observers (default).
+                With ``False`` only the BatchNorm statistics are re-estimated and every
+                observer buffer is left exactly as it was; each of ``bits`` must then be
+                calibrated already
+                ([`calibrated_bits`][triqdef.TriQDefWrapper.calibrated_bits]).
+
+        Raises:
+            ConfigError: ``bits``, ``observers`` or ``batches`` is not valid.
+            InputError: a batch is not a valid input, or the model fails on it.
+            NotCalibratedError: ``observers=False`` for a bit-width whose observers
+                have never seen data. Nothing is changed.
         """
         self._check_attached()
+        if not isinstance(observers, bool):
+            raise ConfigError(f"observers must be True or False, got {observers!r}")
         try:
             targets = [b for b in (self._ctx.qbits if bits is None else bits)]
         except TypeError:
@@ -507,6 +665,12 @@ class TriQDefWrapper(nn.Module):
         for b in targets:
             if isinstance(b, bool) or not isinstance(b, int) or b not in self.bits:
                 raise ConfigError(f"bit-width {b!r} is not one of this wrapper's bits {self.bits}")
+        missing = [] if observers else [b for b in targets if b not in self.calibrated_bits()]
+        if missing:
+            raise NotCalibratedError(
+                f"calibrate(observers=False) keeps the observers, but those of {missing} bits "
+                "have never seen data; calibrate them with observers=True first"
+            )
         if not targets:  # e.g. a 32-bit-only wrapper: nothing to estimate
             return
         try:
@@ -522,9 +686,10 @@ class TriQDefWrapper(nn.Module):
         saved = {k: v.clone() for k, v in self.state_dict().items() if k not in params}
         bns = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         momenta = [m.momentum for m in bns]
-        was_training, previous = self.training, self._bits
+        was_training, previous, observing = self.training, self._bits, self._ctx.observe
         try:
             self.train()
+            self._ctx.observe = observers  # False: the observers see nothing, move nothing
             for m in bns:
                 m.momentum = None  # cumulative average over the calibration batches
                 if 32 in targets or not self.bn_stats:  # the model's own statistics
@@ -532,7 +697,8 @@ class TriQDefWrapper(nn.Module):
             for b in targets:
                 self.set_bits(b)
                 if b < 32:
-                    for module in (*self.quantizers.values(), *self.bn_stats.values()):
+                    resets = (*self.quantizers.values(),) if observers else ()
+                    for module in (*resets, *self.bn_stats.values()):
                         module.reset(self._ctx.index)
                 for i, x in enumerate(batches):
                     try:
@@ -548,6 +714,7 @@ class TriQDefWrapper(nn.Module):
         finally:
             for m, mom in zip(bns, momenta):
                 m.momentum = mom
+            self._ctx.observe = observing
             self.train(was_training)
             self.set_bits(previous)
 
@@ -555,10 +722,12 @@ class TriQDefWrapper(nn.Module):
         return (
             f"bits={self.bits}, current_bits={self._bits}, active_bits={self.active_bits}, "
             f"layers={list(self.layers)}, exclude={list(self.exclude)}, "
-            f"per_bit_bn={self.per_bit_bn}, lambda_adv={self.lambda_adv}, "
+            f"per_bit_bn={self.per_bit_bn}, bn_rows={self.bn_rows!r}, "
+            f"input_bits={self.input_bits}, lambda_adv={self.lambda_adv}, "
             f"lambda_fdp={self.lambda_fdp}, lambda_gpdp={self.lambda_gpdp}, alpha={self.alpha}, "
             f"beta={self.beta}, rho={self.rho}, pairs={self.pairs!r}"
             + (", memory_bounded=True" if self.memory_bounded else "")
+            + (f", penalty_bits={self.penalty_bits}" if self.penalty_bits is not None else "")
             + (", detached" if self._detached else "")
         )
 
