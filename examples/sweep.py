@@ -10,6 +10,7 @@ test files that docs/results.md reports, so choosing defaults from it is fair.
     python examples/sweep.py --seeds 0 --out runs/sweep-s0      # one process per seed
     python examples/sweep.py --seeds 1 --out runs/sweep-s1
     python examples/reproduce.py --merge runs/sweep-s*/results.json --out runs/sweep
+    python examples/sweep.py --summarize runs/sweep-s*/results.json   # the compact table
 
 The settings (``SETTINGS``): the paper's pair sum instead of the mean (20x the
 penalty at 5 bits), BatchNorm statistics from clean rows only, the raw input quantized
@@ -20,6 +21,7 @@ patches instead of the offline pool, and the sampled penalty (``penalty_bits=2``
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -41,6 +43,52 @@ SETTINGS: dict[str, tuple[str, dict, str]] = {
 }
 
 
+def compact(results: dict) -> str:
+    """One row per setting: mean clean accuracy and, per attack and condition, the mean
+    over target bit-widths of the off-diagonal transfer ASR (± half the range over seeds),
+    with its change relative to ``multibit`` in brackets."""
+    runs = results["runs"]
+    labels = list(dict.fromkeys(m for r in runs for m in r["transfer"]))
+    cols = [(a, c) for a in R.ATTACKS for c in R.CONDITIONS]
+
+    def per_seed(label, attack, cond):
+        vals = []
+        for r in runs:
+            if label not in r["transfer"]:
+                continue
+            off = R.off_diagonal(r["transfer"][label][attack][cond], cond)
+            off = [v for v in off if v is not None]
+            vals.append(sum(off) / len(off) if off else None)
+        return [v for v in vals if v is not None]
+
+    def clean(label, key):
+        vals = [sum(r[key][label].values()) / len(r[key][label]) for r in runs if label in r[key]]
+        return vals
+
+    def fmt(vals, ref=None):
+        if not vals:
+            return "n/a"
+        mean = sum(vals) / len(vals)
+        text = f"{100 * mean:.1f}"
+        if len(vals) > 1:
+            text += f" ± {100 * (max(vals) - min(vals)) / 2:.1f}"
+        if ref:
+            text += f" ({100 * (mean - ref) / ref:+.0f}%)"
+        return text
+
+    head = ["setting", "clean (mean over bits)", "clean, as trained"]
+    head += [f"{a.upper()} {c}" for a, c in cols]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for label in labels:
+        cells = [label, fmt(clean(label, "clean")), fmt(clean(label, "clean_as_trained"))]
+        for a, c in cols:
+            ref_vals = per_seed(R.REFERENCE, a, c) if label != R.REFERENCE else []
+            ref = sum(ref_vals) / len(ref_vals) if ref_vals else None
+            cells.append(fmt(per_seed(label, a, c), ref))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="auto", choices=["auto", "fashion-mnist", "cifar10", "digits"])
@@ -60,7 +108,18 @@ def main(argv=None) -> dict:
     p.add_argument("--root", default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--summarize",
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="print the compact table of results.json files (seeds merged); no run",
+    )
     args = p.parse_args(argv)
+    if args.summarize:
+        runs = [r for path in args.summarize for r in json.loads(Path(path).read_text())["runs"]]
+        print(compact({"runs": runs}), end="")
+        return {"runs": runs}
     # what reproduce.run reads from its own arguments
     args.bn_refresh = True
     torch.set_num_threads(max(1, torch.get_num_threads()))

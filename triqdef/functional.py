@@ -345,8 +345,8 @@ def sobel_edges(a: Tensor, eps: float = 1e-6) -> Tensor:
         >>> x = torch.zeros(1, 3, 4, 4)
         >>> x[..., 2:] = 1.0
         >>> e = sobel_edges(x)[0, 0]
-        >>> [round(v, 3) for v in e[0].tolist()]  # rounded: the last bits vary by CPU
-        [0.001, 0.5, 0.5, 0.001]
+        >>> tuple(round(v, 3) for v in e[0].tolist())  # rounded: the last bits vary by CPU
+        (0.001, 0.5, 0.5, 0.001)
         >>> torch.allclose(e, e[0].expand_as(e))  # every row is the same
         True
     """
@@ -407,10 +407,10 @@ def soft_dice(a: Tensor, b: Tensor, eps: float = 1e-6) -> Tensor:
 
     Example:
         >>> m = torch.tensor([1.0, 1.0, 0.0, 0.0]).view(1, 1, 2, 2)
-        >>> [round(v, 4) for v in soft_dice(m, m).tolist()]
-        [1.0]
-        >>> [round(v, 4) for v in soft_dice(m, 1 - m).tolist()]
-        [0.0]
+        >>> tuple(round(v, 4) for v in soft_dice(m, m).tolist())
+        (1.0,)
+        >>> tuple(round(v, 4) for v in soft_dice(m, 1 - m).tolist())
+        (0.0,)
     """
     a, b = _check_pair("soft_dice", a, b)
     eps = _check_real("soft_dice", "eps", eps)
@@ -620,8 +620,8 @@ def descriptor_cosine(da: Tensor, db: Tensor, eps: float = 1e-12) -> Tensor:
 
     Example:
         >>> c = descriptor_cosine(torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 1.0]]))
-        >>> [round(v, 4) for v in c.tolist()]
-        [0.7071]
+        >>> tuple(round(v, 4) for v in c.tolist())
+        (0.7071,)
     """
     fn = "descriptor_cosine"
     for name, d in (("da", da), ("db", db)):
@@ -665,8 +665,8 @@ def hog_cosine(a: Tensor, b: Tensor, **hog_kwargs: object) -> Tensor:
         >>> torch.manual_seed(0) is not None
         True
         >>> x = torch.rand(2, 1, 16, 16)
-        >>> [round(v, 4) for v in hog_cosine(x, x, cell=4).tolist()]  # rounded
-        [1.0, 1.0]
+        >>> tuple(round(v, 4) for v in hog_cosine(x, x, cell=4).tolist())  # rounded
+        (1.0, 1.0)
     """
     a, b = _check_pair("hog_cosine", a, b)
     return descriptor_cosine(hog(a, **hog_kwargs), hog(b, **hog_kwargs))
@@ -692,8 +692,8 @@ def gradient_cosine(a: Tensor, b: Tensor, eps: float = 1e-12) -> Tensor:
 
     Example:
         >>> g = torch.ones(2, 1, 2, 2)
-        >>> [round(v, 4) for v in gradient_cosine(g, -g).tolist()]
-        [-1.0, -1.0]
+        >>> tuple(round(v, 4) for v in gradient_cosine(g, -g).tolist())
+        (-1.0, -1.0)
     """
     a, b = _check_pair("gradient_cosine", a, b)
     eps = _check_real("gradient_cosine", "eps", eps)
@@ -775,8 +775,8 @@ class SoftDice(nn.Module):
 
     Example:
         >>> m = torch.ones(1, 1, 2, 2)
-        >>> [round(v, 4) for v in SoftDice()(m, m).tolist()]
-        [1.0]
+        >>> tuple(round(v, 4) for v in SoftDice()(m, m).tolist())
+        (1.0,)
     """
 
     def __init__(self, eps: float = 1e-6) -> None:

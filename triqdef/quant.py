@@ -94,8 +94,8 @@ def fake_quantize_weight(weight: torch.Tensor, bits: int) -> torch.Tensor:
 
     Example:
         >>> w = torch.tensor([[0.9, -0.2, 0.5, -0.6]])
-        >>> [round(v, 4) for v in fake_quantize_weight(w, 2)[0].tolist()]  # ternary
-        [0.9, 0.0, 0.9, -0.9]
+        >>> tuple(round(v, 4) for v in fake_quantize_weight(w, 2)[0].tolist())  # ternary
+        (0.9, 0.0, 0.9, -0.9)
     """
     scale = weight_scale(weight, bits)
     zero = torch.zeros(scale.shape, dtype=torch.int32, device=weight.device)
