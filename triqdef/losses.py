@@ -39,7 +39,15 @@ from torch import Tensor
 from .errors import ConfigError
 from .functional import _sobel_edges, _soft_binarize, soft_hog
 
-__all__ = ["DescriptorConfig", "Descriptors", "describe", "pair_similarity", "penalty"]
+__all__ = [
+    "DescriptorConfig",
+    "Descriptors",
+    "describe",
+    "gradient_alignment",
+    "gradient_smoothness",
+    "pair_similarity",
+    "penalty",
+]
 
 PAIR_MODES = ("mean", "sum")
 
@@ -143,6 +151,55 @@ def pair_similarity(
     dice = 2 * inter / (total + 1e-6)
     cos = torch.einsum("ibd,jbd->bij", ha, hb)
     return (alpha * dice + beta * cos).mean(dim=0)
+
+
+def _flat_work(g: Tensor) -> Tensor:
+    """``(B, ...)`` -> ``(B, N)``, half precision upcast to float32."""
+    g = g.float() if g.dtype in (torch.float16, torch.bfloat16) else g
+    return g.flatten(1)
+
+
+def gradient_alignment(
+    a: list[Tensor], b: list[Tensor] | None = None, eps: float = 1e-12
+) -> Tensor:
+    """Absolute cosine similarity of raw maps (input gradients) of every pair of bit-widths.
+
+    The TRS form of the GAL/TRS gradient-diversity penalty: for bit-widths ``i`` and
+    ``j``, ``|cos(g_i[s], g_j[s])|`` per sample ``s`` (each map flattened over
+    ``C*H*W``), averaged over samples. Each norm is floored at ``eps`` (as
+    ``sqrt(max(|g|^2, eps^2))``), so an all-zero map gives 0 and finite gradients of
+    every order.
+
+    Args:
+        a: ``K`` maps ``(B, C, H, W)``, one per bit-width.
+        b: maps to compare against (default ``a``); pass detached copies to let
+            gradients flow through ``a`` only.
+        eps: floor of each sample's norm.
+
+    Returns:
+        ``(K, K)`` matrix of sample-mean absolute cosines (reduce it with :func:`penalty`).
+    """
+
+    def unit(maps: list[Tensor]) -> Tensor:
+        g = torch.stack([_flat_work(m) for m in maps])  # (K, B, N)
+        norm = g.square().sum(dim=2, keepdim=True).clamp_min(eps * eps).sqrt()
+        return g / norm
+
+    ua = unit(a)
+    ub = ua if b is None else unit(b)
+    return torch.einsum("ibn,jbn->bij", ua, ub).abs().mean(dim=0)
+
+
+def gradient_smoothness(g: Tensor) -> Tensor:
+    """The TRS model-smoothness term of one map: ``mean_s ||g[s]||_2^2``.
+
+    Args:
+        g: ``(B, C, H, W)`` input gradient of one bit-width.
+
+    Returns:
+        scalar: the per-sample squared L2 norm (over ``C*H*W``), averaged over samples.
+    """
+    return _flat_work(g).square().sum(dim=1).mean()
 
 
 def penalty(sim: Tensor, pairs: str = "mean", only: int | None = None) -> Tensor:

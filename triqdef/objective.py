@@ -1,14 +1,17 @@
 """The TriQDef objective behind ``wrapper.loss(x, y, patch)``.
 
 ``L = L_clean + lambda_adv * L_adv + lambda_fdp * L_FDP + lambda_gpdp * L_GPDP``
-over the wrapper's active bit-widths (paper section 3, Algorithms 1 and 2).
+over the wrapper's active bit-widths (paper section 3, Algorithms 1 and 2), plus the
+optional GAL/TRS-style gradient-diversity terms ``lambda_cos * L_cos +
+lambda_smooth * L_smooth`` (both 0 by default).
 
 The batch: the last ``round(rho * B)`` samples (at least one, and at least one
 left clean when ``0 < rho < 1``) are patched; the other samples stay clean. A
 batch of one sample is used twice, once clean and once patched. Each bit-width
 runs **one** forward over the mixed batch; ``L_clean`` is the cross-entropy of the
 clean rows and ``L_adv`` of the patched rows, each averaged over bit-widths. FDP
-and GPDP look at the patched rows only (see :mod:`triqdef.losses`).
+and GPDP (and the gradient-diversity terms) look at the patched rows only (see
+:mod:`triqdef.losses`).
 """
 
 from __future__ import annotations
@@ -22,7 +25,13 @@ from torch import Tensor
 
 from .attacks.patching import PatchSource, apply_patch
 from .errors import InputError, NonFiniteLossError
-from .losses import describe, pair_similarity, penalty
+from .losses import (
+    describe,
+    gradient_alignment,
+    gradient_smoothness,
+    pair_similarity,
+    penalty,
+)
 
 if TYPE_CHECKING:
     from .wrapper import TriQDefWrapper
@@ -164,11 +173,13 @@ def _run_bit(
     penalties: bool = True,
 ):
     """Forward at ``bits``; returns (logits, CE clean, CE adv, feature descriptors, gradient
-    descriptors). With ``graph=False`` the input gradient is taken without a double-backward
-    graph (values only). ``check=x`` validates values and labels right after the forward.
-    ``penalties=False`` (a bit-width outside the ``penalty_bits`` sample) runs a plain
-    forward: no taps, no input gradient, no descriptors."""
+    descriptors, raw input gradient of the patched rows). With ``graph=False`` the input
+    gradient is taken without a double-backward graph (values only). ``check=x`` validates
+    values and labels right after the forward. ``penalties=False`` (a bit-width outside the
+    ``penalty_bits`` sample) runs a plain forward: no taps, no input gradient, no
+    descriptors. The raw gradient is None unless ``lambda_cos`` or ``lambda_smooth`` is on."""
     fdp, gpdp = penalties and w.lambda_fdp != 0, penalties and w.lambda_gpdp != 0
+    raw = penalties and _needs_raw_grad(w)
     with w.at_bits(bits), w._taps.capture() if fdp else contextlib.nullcontext():
         with _rows(w, n_clean, x_in.shape[0]):  # bn_rows="clean" reads it
             logits = w.model(x_in)
@@ -182,12 +193,15 @@ def _run_bit(
     f_desc = []
     if fdp and n_adv:
         f_desc = [describe(feats[name][n_clean:], w.descriptor) for name in w.layers]
-    g_desc = None
-    if gpdp and n_adv:
+    g_desc = g_raw = None
+    if (gpdp or raw) and n_adv:
         ce_sum = F.cross_entropy(logits[n_clean:], y[n_clean:], reduction="sum")
         (g,) = torch.autograd.grad(ce_sum, x_in, create_graph=graph)
-        g_desc = describe(g[n_clean:], w.descriptor)
-    return logits, ce_clean, ce_adv, f_desc, g_desc
+        if gpdp:
+            g_desc = describe(g[n_clean:], w.descriptor)
+        if raw:
+            g_raw = g[n_clean:]
+    return logits, ce_clean, ce_adv, f_desc, g_desc, g_raw
 
 
 def _feature_sims(f_desc, partners=None, alpha=0.5, beta=1.0) -> list[Tensor]:
@@ -217,16 +231,19 @@ class _Replay(torch.autograd.Function):
 
 
 class _ReplayState:
-    def __init__(self, w, bits, sample, x_mixed, y, n_clean, rng, f_desc, g_desc, tensors, x_index):
+    def __init__(
+        self, w, bits, sample, x_mixed, y, n_clean, rng, f_desc, g_desc, g_raw, tensors, x_index
+    ):
         self.w, self.bits, self.x, self.y, self.n_clean = w, bits, x_mixed, y, n_clean
         self.sample = sample  # the penalty_bits draw of the forward, reused here
         self.rng, self.f_desc, self.g_desc = rng, f_desc, g_desc  # descriptors: sample only
+        self.g_raw = g_raw  # detached raw input gradients: sample only
         self.tensors, self.x_index = tensors, x_index
 
     def gradients(self, grad_out: Tensor) -> list[Tensor | None]:
         w, k = self.w, len(self.bits)
         device = self.x.device
-        needs_x = self.x_index is not None or w.lambda_gpdp != 0
+        needs_x = self.x_index is not None or _needs_input_grad(w)
         factor = _sum_factor(w, k, len(self.sample))
         grads: list[Tensor | None] = [None] * len(self.tensors)
         params = [t for i, t in enumerate(self.tensors) if i != self.x_index]
@@ -240,7 +257,7 @@ class _ReplayState:
                     s = self.sample.index(bits) if bits in self.sample else None
                     x_in = self.x.detach()
                     x_in.requires_grad_(needs_x if s is not None else self.x_index is not None)
-                    _, ce_clean, ce_adv, f_desc, g_desc = _run_bit(
+                    _, ce_clean, ce_adv, f_desc, g_desc, g_raw = _run_bit(
                         w, bits, x_in, self.y, self.n_clean, graph=True, penalties=s is not None
                     )
                     loss = (ce_clean + w.lambda_adv * ce_adv) / k
@@ -254,6 +271,15 @@ class _ReplayState:
                         sim = pair_similarity(mine, self.g_desc, w.alpha, w.beta)
                         pen = _scaled(penalty(sim, w.pairs, only=s), factor)
                         loss = loss + w.lambda_gpdp * pen
+                    if g_raw is not None:
+                        if w.lambda_cos != 0:
+                            mine = [g_raw if j == s else d for j, d in enumerate(self.g_raw)]
+                            sim = gradient_alignment(mine, self.g_raw)
+                            pen = _scaled(penalty(sim, w.pairs, only=s), factor)
+                            loss = loss + w.lambda_cos * pen
+                        if w.lambda_smooth != 0:  # a mean over the sample: 1/m of it each
+                            smooth = gradient_smoothness(g_raw) / len(self.sample)
+                            loss = loss + w.lambda_smooth * smooth
                     inputs = params + ([x_in] if self.x_index is not None else [])
                     got = torch.autograd.grad(loss * grad_out, inputs, allow_unused=True)
                     got = list(got)
@@ -298,8 +324,13 @@ def _check_values(logits, x, y_mixed, x_mixed, n_clean) -> None:
         raise InputError("loss: " + _explain_bad_values(x, y_mixed, x_mixed[n_clean:], c))
 
 
+def _needs_raw_grad(w) -> bool:
+    """The gradient-diversity terms (GAL/TRS-style) read the raw input gradient."""
+    return w.lambda_cos != 0 or w.lambda_smooth != 0
+
+
 def _needs_input_grad(w) -> bool:
-    return w.lambda_gpdp != 0
+    return w.lambda_gpdp != 0 or _needs_raw_grad(w)
 
 
 # --- penalty_bits: the sampled pair penalty -------------------------------------------------
@@ -338,12 +369,12 @@ def _exact(w, bits, sample, x, x_mixed, y_mixed, n_clean) -> Tensor:
     x_in = x_mixed
     if gpdp and not x_in.requires_grad:
         x_in = x_in.detach().requires_grad_()
-    ce_clean, ce_adv, f_desc, g_desc = {}, {}, [], []
+    ce_clean, ce_adv, f_desc, g_desc, g_raw = {}, {}, [], [], []
     grad_ctx = torch.enable_grad() if gpdp else contextlib.nullcontext()
     with grad_ctx:
         for i, b in enumerate(bits):
             on = b in sample  # outside the penalty_bits sample: a plain forward
-            _, ce_clean[b], ce_adv[b], fd, gd = _run_bit(
+            _, ce_clean[b], ce_adv[b], fd, gd, gr = _run_bit(
                 w,
                 b,
                 x_in if on else x_mixed,
@@ -356,12 +387,14 @@ def _exact(w, bits, sample, x, x_mixed, y_mixed, n_clean) -> Tensor:
             if on:
                 f_desc.append(fd)
                 g_desc.append(gd)
+                g_raw.append(gr)
         n_adv = x_mixed.shape[0] - n_clean
-        return _combine(w, bits, sample, ce_clean, ce_adv, f_desc, g_desc, n_adv)
+        return _combine(w, bits, sample, ce_clean, ce_adv, f_desc, g_desc, g_raw, n_adv)
 
 
-def _combine(w, bits, sample, ce_clean, ce_adv, f_desc, g_desc, n_adv) -> Tensor:
-    """The total and its terms; ``f_desc`` / ``g_desc`` hold the bit-widths of ``sample``."""
+def _combine(w, bits, sample, ce_clean, ce_adv, f_desc, g_desc, g_raw, n_adv) -> Tensor:
+    """The total and its terms; ``f_desc`` / ``g_desc`` / ``g_raw`` hold the bit-widths of
+    ``sample``."""
     k = len(sample)
     factor = _sum_factor(w, len(bits), k)
     clean = torch.stack(list(ce_clean.values())).mean()
@@ -383,6 +416,16 @@ def _combine(w, bits, sample, ce_clean, ce_adv, f_desc, g_desc, n_adv) -> Tensor
         total = total + w.lambda_gpdp * gpdp
         terms["gpdp"] = gpdp
         sims["gpdp"] = sim
+    if w.lambda_cos != 0 and n_adv:
+        sim = gradient_alignment(g_raw)
+        cos = _scaled(penalty(sim, w.pairs), factor)
+        total = total + w.lambda_cos * cos
+        terms["cos"] = cos
+        sims["cos"] = sim
+    if w.lambda_smooth != 0 and n_adv:  # a mean over the sample: unbiased, no factor
+        smooth = torch.stack([gradient_smoothness(g) for g in g_raw]).mean()
+        total = total + w.lambda_smooth * smooth
+        terms["smooth"] = smooth
     for name, sim in sims.items():
         for i in range(k):
             for j in range(i + 1, k):
@@ -407,14 +450,14 @@ def _combine(w, bits, sample, ce_clean, ce_adv, f_desc, g_desc, n_adv) -> Tensor
 
 def _memory_bounded(w, bits, sample, x, x_mixed, y_mixed, n_clean) -> Tensor:
     device = x_mixed.device
-    ce_clean, ce_adv, f_desc, g_desc, rng = {}, {}, [], [], []
+    ce_clean, ce_adv, f_desc, g_desc, g_raw, rng = {}, {}, [], [], [], []
     for i, b in enumerate(bits):
         rng.append(_rng_states(device))
         on = b in sample  # outside the penalty_bits sample: a plain forward
         gpdp = on and _needs_input_grad(w)
         x_in = x_mixed.detach().requires_grad_(gpdp)
         with torch.enable_grad() if gpdp else torch.no_grad():
-            logits, c, a, fd, gd = _run_bit(
+            logits, c, a, fd, gd, gr = _run_bit(
                 w,
                 b,
                 x_in,
@@ -428,15 +471,16 @@ def _memory_bounded(w, bits, sample, x, x_mixed, y_mixed, n_clean) -> Tensor:
         if on:
             f_desc.append([d.detach() for d in fd])
             g_desc.append(gd.detach() if gd is not None else None)
-        del logits, c, a, fd, gd, x_in
+            g_raw.append(gr.detach() if gr is not None else None)
+        del logits, c, a, fd, gd, gr, x_in
     n_adv = x_mixed.shape[0] - n_clean
-    value = _combine(w, bits, sample, ce_clean, ce_adv, f_desc, g_desc, n_adv)
+    value = _combine(w, bits, sample, ce_clean, ce_adv, f_desc, g_desc, g_raw, n_adv)
     tensors = [p for p in w.parameters() if p.requires_grad]
     x_index = None
     if x_mixed.requires_grad:
         x_index = len(tensors)
         tensors.append(x_mixed)
     replay = _ReplayState(
-        w, bits, sample, x_mixed, y_mixed, n_clean, rng, f_desc, g_desc, tensors, x_index
+        w, bits, sample, x_mixed, y_mixed, n_clean, rng, f_desc, g_desc, g_raw, tensors, x_index
     )
     return _Replay.apply(value, replay, *tensors)

@@ -263,6 +263,20 @@ class TriQDefWrapper(nn.Module):
             a tensor computed from the input (e.g. normalised) is not affected.
             Honoured by [`export`][triqdef.TriQDefWrapper.export] and
             [`triqdef.save`][triqdef.io.save] / [`triqdef.load`][triqdef.io.load].
+        lambda_cos: weight of the gradient-alignment penalty (GAL/TRS-style, experimental;
+            default 0: off, the objective is bit for bit the one without it): the mean
+            over pairs of (sampled) active bit-widths of ``|cos|`` between the raw input
+            gradients of the patched rows' cross-entropy, per sample (flattened over
+            ``C*H*W``), averaged over samples; in [0, 1] with ``pairs="mean"``. Follows
+            ``pairs`` and ``penalty_bits`` like FDP and GPDP. Costs GPDP's double backward
+            (shared with it when both are on). See docs/objective.md.
+        lambda_smooth: weight of the TRS smoothness term (experimental; default 0: off):
+            the mean over the (sampled) active bit-widths of the per-sample squared L2
+            norm of the same input gradients (w.r.t. images in [0, 1]), averaged over
+            samples. Its scale depends on the model and data: about 1.4 to 2.1 for an
+            untrained ``SmallCNN(width=16)`` on Fashion-MNIST (cross-entropy about 2.5
+            per term), about 0.7 to 1.4 over the first 300 Adam steps (see
+            docs/objective.md). Independent of ``pairs``.
 
     Raises:
         ConfigError: an argument is not valid; nothing is attached to the model.
@@ -308,6 +322,8 @@ class TriQDefWrapper(nn.Module):
         penalty_bits: int | None = None,
         bn_rows: str = "all",
         input_bits: int | None = 8,
+        lambda_cos: float = 0.0,
+        lambda_smooth: float = 0.0,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -324,6 +340,8 @@ class TriQDefWrapper(nn.Module):
             lambda_adv=lambda_adv,
             lambda_fdp=lambda_fdp,
             lambda_gpdp=lambda_gpdp,
+            lambda_cos=lambda_cos,
+            lambda_smooth=lambda_smooth,
             alpha=alpha,
             beta=beta,
         )
@@ -370,6 +388,7 @@ class TriQDefWrapper(nn.Module):
         self.lambda_adv, self.lambda_fdp = float(lambda_adv), float(lambda_fdp)
         self.lambda_gpdp, self.alpha, self.beta = float(lambda_gpdp), float(alpha), float(beta)
         self.rho, self.pairs = float(rho), pairs
+        self.lambda_cos, self.lambda_smooth = float(lambda_cos), float(lambda_smooth)
         self.patch_source = RandomPatch() if patch_source is None else patch_source
         self.memory_bounded, self.check_finite = bool(memory_bounded), bool(check_finite)
         self.descriptor = descriptor or DescriptorConfig()
@@ -550,14 +569,17 @@ class TriQDefWrapper(nn.Module):
         patched rows averaged over bit-widths; FDP compares the tapped ``layers``
         and GPDP the input gradients of the patched rows across bit-width pairs
         (see :mod:`triqdef.losses` and :mod:`triqdef.objective`). Penalties with
-        weight 0 cost nothing: no taps, no double backward.
+        weight 0 cost nothing: no taps, no double backward. With ``lambda_cos`` /
+        ``lambda_smooth`` > 0 the loss adds ``lambda_cos * L_cos + lambda_smooth *
+        L_smooth`` (GAL/TRS-style gradient diversity, computed from the same input
+        gradients as GPDP).
 
         With ``memory_bounded=True`` the returned loss's backward re-runs one
         bit-width at a time with the other bit-widths' descriptors detached, which
         gives the same gradients with one double-backward graph alive at a time,
         at the price of a second forward pass per bit-width.
 
-        With ``penalty_bits=m`` (fewer than the active bit-widths), FDP and GPDP are
+        With ``penalty_bits=m`` (fewer than the active bit-widths), the penalties are
         an unbiased estimate over the pairs of ``m`` bit-widths drawn for this call
         (the cross-entropy terms stay over every active bit-width); the memory-bounded
         backward reuses the same draw.
@@ -586,8 +608,10 @@ class TriQDefWrapper(nn.Module):
         """Breakdown of the last :meth:`loss` as plain floats (synchronises only when called).
 
         Keys: ``total``, ``clean``, ``adv``, ``clean/<b>``, ``adv/<b>`` per bit-width,
-        ``fdp``, ``gpdp`` (when on) and ``fdp/<b_i>-<b_j>``, ``gpdp/<b_i>-<b_j>``:
-        the similarity of each pair (summed over tapped layers for FDP). When
+        ``fdp``, ``gpdp``, ``cos``, ``smooth`` (when on) and ``fdp/<b_i>-<b_j>``,
+        ``gpdp/<b_i>-<b_j>``, ``cos/<b_i>-<b_j>``: the similarity of each pair (summed
+        over tapped layers for FDP; the sample-mean ``|cos|`` of the input gradients
+        for ``cos``). When
         ``penalty_bits`` drew a subset of the active bit-widths, only the sampled pairs
         appear, and ``penalty_bits/<b>`` is 1.0 for each sampled bit-width and 0.0
         for the others (its running mean is the inclusion rate, ``m / K``).
@@ -726,6 +750,8 @@ class TriQDefWrapper(nn.Module):
             f"input_bits={self.input_bits}, lambda_adv={self.lambda_adv}, "
             f"lambda_fdp={self.lambda_fdp}, lambda_gpdp={self.lambda_gpdp}, alpha={self.alpha}, "
             f"beta={self.beta}, rho={self.rho}, pairs={self.pairs!r}"
+            + (f", lambda_cos={self.lambda_cos}" if self.lambda_cos else "")
+            + (f", lambda_smooth={self.lambda_smooth}" if self.lambda_smooth else "")
             + (", memory_bounded=True" if self.memory_bounded else "")
             + (f", penalty_bits={self.penalty_bits}" if self.penalty_bits is not None else "")
             + (", detached" if self._detached else "")
