@@ -56,7 +56,7 @@ import triqdef
 from triqdef.attacks import LAVAN, AdversarialPatch, OnTheFlyPatch, PatchPool, RandomPatch
 from triqdef.baselines import METHODS, PER_BIT, make_method
 from triqdef.data import find_fashion_mnist, iterate_minibatches, load_dataset
-from triqdef.evaluate import TransferMatrix, clean_accuracy, transfer_matrix
+from triqdef.evaluate import TransferMatrix, alignment_report, clean_accuracy, transfer_matrix
 from triqdef.models import SmallCNN, resnet20, resnet56
 
 EVAL_BITS = (32, 5, 4, 2)
@@ -560,6 +560,18 @@ def run_seed(
         ]
         run["transfer"][spec.label] = transfer_rows(deployed, data, size, seed, blackbox)
         run["train_s"][spec.label] = seconds
+        if not per_bit:  # how alike the bit-widths' input gradients and features are
+            g = torch.Generator().manual_seed(seed + 3000)
+            noise = torch.rand(channels, size["seen"], size["seen"], generator=g).to(device)
+            report = alignment_report(
+                deployed,
+                [(data.x_eval[:200], data.y_eval[:200])],
+                bits=list(EVAL_BITS),
+                patch=noise,
+                layers=layers,
+                seed=seed + 3000,
+            )
+            run.setdefault("alignment", {})[spec.label] = report.to_dict()
         head = headline(run, spec.label)
         print(
             f"  [seed {seed}] {spec.label:<28} clean {run['clean'][spec.label]}  "

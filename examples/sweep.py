@@ -49,7 +49,8 @@ SETTINGS: dict[str, tuple[str, dict, str]] = {
 
 
 def compact(results: dict) -> str:
-    """One row per setting: mean clean accuracy and, per attack and condition, the mean
+    """One row per setting: mean clean accuracy, the mean cosine of the bit-widths' input
+    gradients (on noise-patched images, over pairs), and, per attack and condition, the mean
     over target bit-widths of the off-diagonal transfer ASR (± half the range over seeds),
     with its change relative to ``multibit`` in brackets."""
     runs = results["runs"]
@@ -81,11 +82,24 @@ def compact(results: dict) -> str:
             text += f" ({100 * (mean - ref) / ref:+.0f}%)"
         return text
 
-    head = ["setting", "clean (mean over bits)", "clean, as trained"]
+    def grad_cos(label):
+        vals = []
+        for r in runs:
+            rep = r.get("alignment", {}).get(label)
+            if rep is not None:
+                cos = [v for v in rep["values"]["input_grad"]["cosine"] if v is not None]
+                vals.append(sum(cos) / len(cos))
+        return vals
+
+    head = ["setting", "clean (mean over bits)", "clean, as trained", "input-grad cosine"]
     head += [f"{a.upper()} {c}" for a, c in cols]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for label in labels:
+        cos = grad_cos(label)
         cells = [label, fmt(clean(label, "clean")), fmt(clean(label, "clean_as_trained"))]
+        cells.append(
+            f"{sum(cos) / len(cos):.3f}" if cos else "n/a"
+        )  # mean over bit-width pairs and seeds
         for a, c in cols:
             ref_vals = per_seed(R.REFERENCE, a, c) if label != R.REFERENCE else []
             ref = sum(ref_vals) / len(ref_vals) if ref_vals else None

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from triqdef.baselines import METHODS
+from triqdef.baselines import METHODS, PER_BIT
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "reproduce.py"
 
@@ -47,6 +47,10 @@ def test_smoke_run_writes_every_method_condition_and_matrix(tmp_path):
             assert conds["unseen-bits"]["source_bits"] == [5, 4, 2]
             assert conds["unseen-size"]["source_bits"] == bits
             assert conds["blackbox"]["source_bits"] == [32]
+    shared = [m for m in METHODS if m not in PER_BIT]
+    assert set(run["alignment"]) == set(shared)
+    for rep in run["alignment"].values():
+        assert all(-1.0 <= v <= 1.0 for v in rep["values"]["input_grad"]["cosine"])
     md = (tmp_path / "results.md").read_text()
     for name in METHODS:
         assert f"| {name} |" in md
