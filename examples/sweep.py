@@ -15,7 +15,9 @@ test files that docs/results.md reports, so choosing defaults from it is fair.
 The settings (``SETTINGS``): the paper's pair sum instead of the mean (20x the
 penalty at 5 bits), BatchNorm statistics from clean rows only, the raw input quantized
 at the active bit-width (``input_bits=None``), on-the-fly and uniform-noise training
-patches instead of the offline pool, and the sampled penalty (``penalty_bits=2``).
+patches instead of the offline pool, the sampled penalty (``penalty_bits=2``), and the
+TRS/GAL-style gradient-diversity penalties (``lambda_cos``, ``lambda_smooth``). PBAT (per
+bit-width and on the shared backbone) runs beside them as the baseline to beat.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ import reproduce as R  # noqa: E402
 #: label -> (method, TriQDefWrapper keywords, training patches)
 SETTINGS: dict[str, tuple[str, dict, str]] = {
     "multibit": ("multibit", {}, "pool"),
+    "pbat": ("pbat", {}, "pool"),  # the strongest baseline to beat, per bit-width
+    "pbat-shared": ("pbat-shared", {}, "pool"),
     "triqdef": ("triqdef", {}, "pool"),
     "triqdef[pairs=sum]": ("triqdef", {"pairs": "sum"}, "pool"),
     "triqdef[bn_rows=clean]": ("triqdef", {"bn_rows": "clean"}, "pool"),
