@@ -38,6 +38,8 @@ SETTINGS: dict[str, tuple[str, dict, str]] = {
     "pbat": ("pbat", {}, "pool"),  # the strongest baseline to beat, per bit-width
     "pbat-shared": ("pbat-shared", {}, "pool"),
     "triqdef": ("triqdef", {}, "pool"),
+    # the control: the same curriculum and pool patches, no penalty (patch augmentation only)
+    "triqdef[no-penalties]": ("triqdef", {"lambda_fdp": 0.0, "lambda_gpdp": 0.0}, "pool"),
     "triqdef[pairs=sum]": ("triqdef", {"pairs": "sum"}, "pool"),
     "triqdef[bn_rows=clean]": ("triqdef", {"bn_rows": "clean"}, "pool"),
     "triqdef[input_bits=None]": ("triqdef", {"input_bits": None}, "pool"),
