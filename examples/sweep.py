@@ -114,6 +114,39 @@ def compact(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def ratios(results: dict) -> str:
+    """Direct vs cross-bit ASR on the square matrices (``unseen-size``, ``unseen-region``):
+    a defence that stops *transfer* lowers ``transfer / direct``; one that only makes the
+    model harder to attack lowers both and leaves the ratio."""
+    runs = results["runs"]
+    labels = list(dict.fromkeys(m for r in runs for m in r["transfer"]))
+    lines = [
+        "| setting | attack | condition | direct | transfer | transfer / direct |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label in labels:
+        for attack in R.ATTACKS:
+            for cond in ("unseen-size", "unseen-region"):
+                direct, cross = [], []
+                for r in runs:
+                    if label not in r["transfer"]:
+                        continue
+                    m = r["transfer"][label][attack][cond]
+                    d = [v for v in R.diagonal(m) if v is not None]
+                    o = [v for v in R.off_diagonal(m, cond) if v is not None]
+                    if d and o:
+                        direct.append(sum(d) / len(d))
+                        cross.append(sum(o) / len(o))
+                if not direct:
+                    continue
+                dm, cm = sum(direct) / len(direct), sum(cross) / len(cross)
+                ratio = f"{cm / dm:.2f}" if dm else "n/a"
+                lines.append(
+                    f"| {label} | {attack} | {cond} | {100 * dm:.1f} | {100 * cm:.1f} | {ratio} |"
+                )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="auto", choices=["auto", "fashion-mnist", "cifar10", "digits"])
@@ -138,12 +171,14 @@ def main(argv=None) -> dict:
         nargs="+",
         default=None,
         metavar="JSON",
-        help="print the compact table of results.json files (seeds merged); no run",
+        help="print the compact and direct-vs-transfer tables of results.json files (seeds "
+        "merged); no run",
     )
     args = p.parse_args(argv)
     if args.summarize:
         runs = [r for path in args.summarize for r in json.loads(Path(path).read_text())["runs"]]
-        print(compact({"runs": runs}), end="")
+        print(compact({"runs": runs}))
+        print(ratios({"runs": runs}), end="")
         return {"runs": runs}
     # what reproduce.run reads from its own arguments
     args.bn_refresh = True

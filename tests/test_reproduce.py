@@ -120,3 +120,37 @@ def test_recalibration_check_runs_and_reports_four_states():
         assert set(acc) == {5, 4, 2}
         assert all(a is None or 0.0 <= a <= 1.0 for a in acc.values())
     assert out["calibrate(256 images)"][2] is not None  # calibrate reaches every bit-width
+
+
+def test_sweep_tables_from_results():
+    _load()  # registers `reproduce`, which the sweep imports
+    spec = importlib.util.spec_from_file_location("sweep", SCRIPT.with_name("sweep.py"))
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    bits = [32, 4]
+
+    def matrix(direct, cross):
+        return {
+            "source_bits": bits,
+            "target_bits": bits,
+            "asr": [[direct, cross], [cross, direct]],
+            "noise_floor": [0.0, 0.0],
+        }
+
+    def run(seed, ref, mine):
+        transfer = {}
+        for label, (d, c) in (("multibit", ref), ("triqdef", mine)):
+            transfer[label] = {
+                a: {cond: matrix(d, c) for cond in sweep.R.CONDITIONS} for a in ("lavan", "gap")
+            }
+        clean = {"multibit": {"32": 0.8, "4": 0.6}, "triqdef": {"32": 0.7, "4": 0.5}}
+        return {"seed": seed, "transfer": transfer, "clean": clean, "clean_as_trained": clean}
+
+    results = {"runs": [run(0, (0.8, 0.6), (0.4, 0.2)), run(1, (0.8, 0.6), (0.4, 0.4))]}
+    table = sweep.compact(results)
+    row = next(line for line in table.splitlines() if line.startswith("| triqdef |"))
+    assert "| 60.0 ± 0.0 |" in row  # clean: mean over bits and seeds
+    assert "30.0 ± 10.0 (-50%)" in row  # off-diagonal 0.2 and 0.4 against 0.6
+    lines = sweep.ratios(results).splitlines()
+    assert "| triqdef | lavan | unseen-size | 40.0 | 30.0 | 0.75 |" in lines
+    assert "| multibit | gap | unseen-region | 80.0 | 60.0 | 0.75 |" in lines
