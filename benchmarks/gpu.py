@@ -5,7 +5,7 @@ Rows (all on the same GPU, in one process, so the ratios are comparable):
 - ``qat-1bit``: single-bit QAT, 4 bits, clean cross-entropy only;
 - ``ce-5bit``: the multi-bit CE step, bits (32, 8, 5, 4, 2), half the batch
   patched, penalties off;
-- ``triqdef``: the full objective, 5 bit-widths, exact gradients;
+- ``triqdef``: the full objective, 5 bit-widths, exact gradients (``penalty_bits=None``);
 - ``triqdef-bounded``: the same, ``memory_bounded=True``;
 
 each eager and/or (``--mode compiled|both``) with ``torch.compile`` applied to
@@ -55,6 +55,7 @@ def build(name: str, compiled: bool, model_name: str, device: torch.device, **kw
     elif name == "ce-5bit":
         w = TriQDefWrapper(model, layers=LAYERS, lambda_fdp=0, lambda_gpdp=0)
     else:
+        kw = {"penalty_bits": None, **kw}  # the exact objective (the default samples 2)
         w = TriQDefWrapper(model, layers=LAYERS, memory_bounded=name == "triqdef-bounded", **kw)
     if compiled:
         w.model = torch.compile(model)  # hooks attached first, compiled after

@@ -53,7 +53,7 @@ def _same(a, b):
 
 # --- value ---------------------------------------------------------------------------------
 def test_total_is_the_weighted_sum_of_its_terms():
-    w = _wrapper()
+    w = _wrapper(penalty_bits=None)  # the exact objective: every pair
     x, y = _batch()
     total = w.loss(x, y)
     t = w.loss_terms()
@@ -106,7 +106,7 @@ def test_pairs_sum_is_the_papers_ordered_sum():
     x, y = _batch()
     terms = {}
     for pairs in ("mean", "sum"):
-        w = _wrapper(bits=(32, 8, 4), pairs=pairs)
+        w = _wrapper(bits=(32, 8, 4), pairs=pairs, penalty_bits=None)  # every ordered pair
         torch.manual_seed(3)
         w.loss(x, y)
         terms[pairs] = w.loss_terms()
@@ -165,7 +165,9 @@ def test_patch_forms():
 def _grads(memory_bounded: bool, bits=(32, 8, 4, 2), x_grad=False):
     torch.manual_seed(0)
     net = small_net().double()
-    w = TriQDefWrapper(net, bits=bits, layers=["2", "4"], memory_bounded=memory_bounded)
+    w = TriQDefWrapper(
+        net, bits=bits, layers=["2", "4"], memory_bounded=memory_bounded, penalty_bits=None
+    )  # the exact objective (tests/test_penalty_bits.py covers the sampled one)
     w.model.insert(3, nn.Dropout(0.3))  # randomness must be replayed identically
     g = torch.Generator().manual_seed(1)
     x = torch.rand(5, 1, 9, 11, generator=g, dtype=torch.float64).requires_grad_(x_grad)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import itertools
 
 import pytest
@@ -69,7 +70,7 @@ def _sampled(w) -> tuple[int, ...]:
 def test_every_subset_averages_to_the_exact_objective(pairs, monkeypatch):
     """Deterministic: the mean over all C(K, m) samples equals the exact loss and gradient."""
     x, y = _batch()
-    w = _wrapper(pairs=pairs)
+    w = _wrapper(pairs=pairs, penalty_bits=None)  # the exact objective
     state = {k: v.clone() for k, v in w.state_dict().items()}
     exact = _run(w, x, y)
     for m in (2, 3):
@@ -96,7 +97,7 @@ def test_seeded_draws_are_uniform_and_unbiased(pairs):
     values. Seeds are fixed, so the outcome is deterministic, not flaky."""
     n = 400
     x, y = _batch()
-    w = _wrapper(pairs=pairs)
+    w = _wrapper(pairs=pairs, penalty_bits=None)  # the exact objective
     state = {k: v.clone() for k, v in w.state_dict().items()}
     exact_loss, exact_grad = _run(w, x, y)
     w.penalty_bits = 2
@@ -136,10 +137,49 @@ def test_bad_penalty_bits_is_refused_on_assignment(m):
     with pytest.raises(ConfigError, match="penalty_bits"):
         w.penalty_bits = m
     assert w.penalty_bits == 3
+    assert "penalty_bits=3" in w.extra_repr()
     w.penalty_bits = None
-    assert w.penalty_bits is None and "penalty_bits" not in w.extra_repr()
-    w.penalty_bits = 2
-    assert "penalty_bits=2" in w.extra_repr()
+    assert w.penalty_bits is None and "penalty_bits=None" in w.extra_repr()
+    w.penalty_bits = 2  # the default: not shown
+    assert w.penalty_bits == 2 and "penalty_bits" not in w.extra_repr()
+
+
+# --- the default: two sampled bit-widths, one pair per penalty --------------------------------
+def test_the_default_samples_two_bits_one_pair_per_penalty():
+    assert inspect.signature(TriQDefWrapper).parameters["penalty_bits"].default == 2
+    bits = (32, 8, 5, 4, 2)  # K = 5: ten pairs under the exact objective
+    w = _wrapper(bits=bits, lambda_cos=1.0)  # penalty_bits left at its default
+    assert w.penalty_bits == 2 and "penalty_bits" not in w.extra_repr()
+    torch.manual_seed(0)
+    w.loss(*_batch())
+    t = w.loss_terms()
+    sample = _sampled(w)
+    assert len(sample) == 2 and sum(t[f"penalty_bits/{b}"] for b in bits) == 2
+    for name in ("fdp", "gpdp", "cos"):
+        pair_keys = [k for k in t if k.startswith(f"{name}/") and "-" in k]
+        assert pair_keys == [f"{name}/{sample[0]}-{sample[1]}"]  # exactly one pair term
+    assert {f"clean/{b}" for b in bits} <= t.keys()  # cross-entropy still over all K
+
+
+@pytest.mark.parametrize("memory_bounded", [False, True])
+def test_without_a_sampled_penalty_nothing_is_drawn(memory_bounded):
+    """QAT / multi-bit baselines (no FDP, GPDP, cos, smooth) keep the default: no draw,
+    the same loss, RNG state and terms as penalty_bits=None."""
+    x, y = _batch()
+    out = []
+    for penalty_bits in (None, 2):
+        w = _wrapper(
+            bits=(32, 8, 5, 4, 2),
+            lambda_fdp=0.0,
+            lambda_gpdp=0.0,
+            memory_bounded=memory_bounded,
+            penalty_bits=penalty_bits,
+        )
+        loss, grad = _run(w, x, y, seed=3, patch=None)  # RandomPatch draws from the same RNG
+        out.append((loss, grad, torch.get_rng_state(), w.loss_terms()))
+    (l0, g0, r0, t0), (l1, g1, r1, t1) = out
+    assert torch.equal(l0, l1) and torch.equal(g0, g1) and torch.equal(r0, r1)
+    assert t0 == t1 and not any(k.startswith("penalty_bits/") for k in t1)
 
 
 # --- (3) m >= K is the exact objective, bit for bit -----------------------------------------

@@ -178,7 +178,9 @@ def _compile_run(compiled: bool, steps: int = 3):
     # by inductor differs from eager's by one ulp for a few percent of values, which flips
     # a rounding decision; this run's values avoid that only without the input floor.
     # tests/test_wrapper_options.py traces the input floor's hooks with dynamo.
-    w = TriQDefWrapper(model, layers=LAYERS, lambda_gpdp=0.0, input_bits=None)
+    # penalty_bits=None: the exact objective over every pair (with the default 2, eager and
+    # compiled draw the same bit-widths, but the losses of steps 2-3 differ by ~2e-8).
+    w = TriQDefWrapper(model, layers=LAYERS, lambda_gpdp=0.0, input_bits=None, penalty_bits=None)
     if compiled:
         w.model = torch.compile(model)  # attach first, compile after
     opt = torch.optim.SGD(w.parameters(), lr=0.05)

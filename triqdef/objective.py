@@ -338,15 +338,22 @@ def _draw_penalty_bits(w: TriQDefWrapper, bits: tuple[int, ...]) -> tuple[int, .
     """The active bit-widths whose pairs enter FDP and GPDP in this call.
 
     All of ``bits`` (and no random number drawn) when ``w.penalty_bits`` is None or at
-    least ``len(bits)``; otherwise ``penalty_bits`` of them, uniformly without replacement,
+    least ``len(bits)``, or when no term that reads the sample is on (FDP with tapped
+    layers, GPDP, ``lambda_cos``, ``lambda_smooth``: e.g. the QAT and multi-bit
+    baselines); otherwise ``penalty_bits`` of them, uniformly without replacement,
     from torch's global CPU generator (so identically seeded DDP ranks draw the same),
     kept in the order of ``bits``.
     """
     m = w.penalty_bits
-    if m is None or m >= len(bits):
+    if m is None or m >= len(bits) or not _uses_sample(w):
         return bits
     picked = sorted(torch.randperm(len(bits), device="cpu")[:m].tolist())
     return tuple(bits[i] for i in picked)
+
+
+def _uses_sample(w: TriQDefWrapper) -> bool:
+    """Some term is computed over the penalty_bits sample (so drawing one matters)."""
+    return bool(w.lambda_fdp != 0 and w.layers) or _needs_input_grad(w)
 
 
 def _sum_factor(w: TriQDefWrapper, k: int, m: int) -> float | None:
