@@ -7,6 +7,10 @@ Rows (all on the same GPU, in one process, so the ratios are comparable):
   patched, penalties off;
 - ``triqdef``: the full objective, 5 bit-widths, exact gradients (``penalty_bits=None``);
 - ``triqdef-bounded``: the same, ``memory_bounded=True``;
+- ``triqdef-pb2``: the default objective, penalties over one sampled pair
+  (``penalty_bits=2``): the row the paper's 1490 img/s is compared with;
+- ``triqdef-pb2-bf16`` / ``triqdef-pb2-cl``: the same under bf16 autocast / with the
+  model and batch in channels_last;
 
 each eager and/or (``--mode compiled|both``) with ``torch.compile`` applied to
 the model after the wrapper attached its hooks. A row that fails prints its error.
@@ -38,7 +42,15 @@ from triqdef.models import resnet20, resnet56
 from triqdef.objective import _Snapshot
 
 LAYERS = ["layer1", "layer2", "layer3"]
-ROWS = ("qat-1bit", "ce-5bit", "triqdef", "triqdef-bounded")
+ROWS = (
+    "qat-1bit",
+    "ce-5bit",
+    "triqdef",
+    "triqdef-bounded",
+    "triqdef-pb2",
+    "triqdef-pb2-bf16",
+    "triqdef-pb2-cl",
+)
 MODELS = {"resnet56": resnet56, "resnet20": resnet20}
 
 
@@ -54,6 +66,8 @@ def build(name: str, compiled: bool, model_name: str, device: torch.device, **kw
         w = TriQDefWrapper(model, bits=(4,), layers=LAYERS, rho=0.0, lambda_fdp=0, lambda_gpdp=0)
     elif name == "ce-5bit":
         w = TriQDefWrapper(model, layers=LAYERS, lambda_fdp=0, lambda_gpdp=0)
+    elif name.startswith("triqdef-pb2"):
+        w = TriQDefWrapper(model, layers=LAYERS, penalty_bits=2, **kw)
     else:
         kw = {"penalty_bits": None, **kw}  # the exact objective (the default samples 2)
         w = TriQDefWrapper(model, layers=LAYERS, memory_bounded=name == "triqdef-bounded", **kw)
@@ -81,10 +95,16 @@ def run(name, compiled, batch, steps, model_name="resnet56", device="cuda", **kw
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.rand(batch, 3, 32, 32, device=device, generator=g)
     y = torch.randint(0, 10, (batch,), device=device, generator=g)
+    if name.endswith("-cl"):
+        w.model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    bf16 = name.endswith("-bf16")
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        w.loss(x, y).backward()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = w.loss(x, y)
+        loss.backward()
         opt.step()
 
     if device.type == "cuda":

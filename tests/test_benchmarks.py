@@ -24,7 +24,16 @@ def test_gpu_benchmark_runs_every_row_on_cpu(gpu_bench, tmp_path):
     argv = ["--device", "cpu", "--model", "resnet20", "--batch", "2", "--steps", "1"]
     results = gpu_bench.main([*argv, "--json", str(out)])
     rows = [r["row"] for r in results]
-    assert rows == ["qat-1bit", "ce-5bit", "triqdef", "triqdef-unchecked", "triqdef-bounded"]
+    assert rows == [
+        "qat-1bit",
+        "ce-5bit",
+        "triqdef",
+        "triqdef-unchecked",
+        "triqdef-bounded",
+        "triqdef-pb2",
+        "triqdef-pb2-bf16",
+        "triqdef-pb2-cl",
+    ]
     for r in results:
         assert "error" not in r, r
         assert r["images_per_s"] > 0 and r["peak_gib"] is None
