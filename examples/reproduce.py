@@ -65,7 +65,7 @@ CONDITIONS = ("seen", "unseen-bits", "unseen-size", "unseen-region", "blackbox")
 POOL_REGIONS = ("top", "left")  # where the training pool's patches go
 UNSEEN_REGION = "bottom-right"  # disjoint from both pool regions
 REFERENCE = "multibit"  # the undefended shared backbone every defence is compared with
-TRAIN_PATCHES = ("pool", "onthefly", "noise")
+TRAIN_PATCHES = ("pool", "onthefly", "lavan", "noise")
 
 SIZES = {
     # training, evaluation and threat budget; patch sides in pixels
@@ -224,12 +224,30 @@ def build_pool(fp_wrapper, x, y, size: dict, seed: int) -> PatchPool:
     )
 
 
+def lavan_source(wrapper, size: dict, seed: int) -> LAVAN:
+    """PBAT's patch source: location-optimised LAVAN crafted on the model being trained, at
+    its highest bit-width, afresh for every batch."""
+    return LAVAN(
+        wrapper,
+        size["seen"],
+        bits=max(wrapper.bits),
+        steps=size["pbat_steps"],
+        step_size=0.1,
+        location_search=True,
+        move_every=2,
+        seed=seed,
+    )
+
+
 def training_patches(kind: str, wrapper, pool, size: dict, seed: int):
     """The patch source a TriQDef method trains on: the offline ``pool`` (the paper's
-    default), ``onthefly`` (the paper's on-the-fly variant) or ``noise`` (uniform noise,
-    the library's default when no patch is given, and the weakest source)."""
+    default), ``onthefly`` (the paper's on-the-fly variant), ``lavan`` (PBAT's source:
+    LAVAN on the model itself) or ``noise`` (uniform noise, the library's default when no
+    patch is given, and the weakest source)."""
     if kind == "pool":
         return pool
+    if kind == "lavan":
+        return lavan_source(wrapper, size, seed)
     if kind == "onthefly":
         return OnTheFlyPatch(wrapper, patch_size=size["seen"], region=POOL_REGIONS[0], seed=seed)
     if kind == "noise":
@@ -269,16 +287,7 @@ def build_method(
         epochs=total or size["epochs"],
         seed=seed,
         calib_loader=calib,
-        pbat_attack=lambda w: LAVAN(
-            w,
-            size["seen"],
-            bits=max(w.bits),
-            steps=size["pbat_steps"],
-            step_size=0.1,
-            location_search=True,
-            move_every=2,
-            seed=seed,
-        ),
+        pbat_attack=lambda w: lavan_source(w, size, seed),
         **(wrapper_kwargs if triq else {}),
     )
     w = method.wrapper

@@ -47,6 +47,8 @@ SETTINGS: dict[str, tuple[str, dict, str]] = {
     "triqdef[penalty_bits=None]": ("triqdef", {"penalty_bits": None}, "pool"),
     "triqdef[patches=onthefly]": ("triqdef", {}, "onthefly"),
     "triqdef[patches=noise]": ("triqdef", {}, "noise"),
+    # PBAT's patches (LAVAN on the model itself) with TriQDef's penalties on top
+    "triqdef[patches=lavan]": ("triqdef", {}, "lavan"),
     # lambda_smooth: the mean squared input-gradient norm is ~1.8 for an untrained
     # SmallCNN(width=16) on Fashion-MNIST (CE ~2.5 per term): 0.5 puts it at ~0.2 of
     # clean + adv at initialisation (docs/objective.md)
