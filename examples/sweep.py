@@ -150,6 +150,35 @@ def ratios(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def combine(specs: list[str]) -> dict:
+    """One results dict from several sweep rounds: the runs of one seed become one run.
+
+    Each spec is ``PATH`` or ``PATH:OLD=NEW,...`` (rename settings of that file first).
+    A setting measured in several files keeps every key it has anywhere, later files
+    winning (e.g. a later round adds the alignment report to an earlier setting).
+    """
+    runs: dict[int, dict] = {}
+    configs = []
+    for spec in specs:
+        path, _, renames = spec.partition(":")
+        mapping = dict(r.split("=", 1) for r in renames.split(",") if r)
+        part = json.loads(Path(path).read_text())
+        configs.append(part["config"])
+        for run in part["runs"]:
+            merged = runs.setdefault(run["seed"], {"seed": run["seed"]})
+            for key, value in run.items():
+                if not isinstance(value, dict):
+                    continue
+                for label, entry in value.items():
+                    merged.setdefault(key, {})[mapping.get(label, label)] = entry
+    config = dict(configs[0])
+    config["rounds"] = [
+        {"commit": c.get("commit"), "command": c["command"], "duration_s": c.get("duration_s")}
+        for c in configs
+    ]
+    return {"config": config, "runs": [runs[s] for s in sorted(runs)]}
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="auto", choices=["auto", "fashion-mnist", "cifar10", "digits"])
@@ -177,7 +206,19 @@ def main(argv=None) -> dict:
         help="print the compact and direct-vs-transfer tables of results.json files (seeds "
         "merged); no run",
     )
+    p.add_argument(
+        "--combine",
+        nargs="+",
+        default=None,
+        metavar="PATH[:OLD=NEW,...]",
+        help="write one results.json to --out from several rounds' files; no run",
+    )
     args = p.parse_args(argv)
+    if args.combine:
+        combined = combine(args.combine)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "results.json").write_text(json.dumps(combined, indent=2))
+        return combined
     if args.summarize:
         runs = [r for path in args.summarize for r in json.loads(Path(path).read_text())["runs"]]
         print(compact({"runs": runs}))

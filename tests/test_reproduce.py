@@ -154,3 +154,30 @@ def test_sweep_tables_from_results():
     lines = sweep.ratios(results).splitlines()
     assert "| triqdef | lavan | unseen-size | 40.0 | 30.0 | 0.75 |" in lines
     assert "| multibit | gap | unseen-region | 80.0 | 60.0 | 0.75 |" in lines
+
+
+def test_sweep_combine_merges_rounds_per_seed(tmp_path):
+    _load()
+    spec = importlib.util.spec_from_file_location("sweep", SCRIPT.with_name("sweep.py"))
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+
+    def part(name, commit, runs):
+        path = tmp_path / name
+        path.write_text(json.dumps({"config": {"commit": commit, "command": name}, "runs": runs}))
+        return str(path)
+
+    a = part("a.json", "c1", [{"seed": 0, "clean": {"triqdef": 1, "multibit": 2}}])
+    b = part(
+        "b.json",
+        "c2",
+        [
+            {"seed": 0, "clean": {"triqdef": 3}, "alignment": {"multibit": "rep"}},
+            {"seed": 1, "clean": {"triqdef": 4}},
+        ],
+    )
+    out = sweep.combine([f"{a}:triqdef=triqdef[old]", b])
+    assert [r["seed"] for r in out["runs"]] == [0, 1]
+    assert out["runs"][0]["clean"] == {"triqdef[old]": 1, "multibit": 2, "triqdef": 3}
+    assert out["runs"][0]["alignment"] == {"multibit": "rep"}
+    assert [r["commit"] for r in out["config"]["rounds"]] == ["c1", "c2"]
