@@ -140,8 +140,8 @@ def test_bad_penalty_bits_is_refused_on_assignment(m):
     assert "penalty_bits=3" in w.extra_repr()
     w.penalty_bits = None
     assert w.penalty_bits is None and "penalty_bits=None" in w.extra_repr()
-    w.penalty_bits = 2  # the default: not shown
-    assert w.penalty_bits == 2 and "penalty_bits" not in w.extra_repr()
+    w.penalty_bits = 2  # the default: shown too, so the repr says that pairs are sampled
+    assert w.penalty_bits == 2 and "penalty_bits=2" in w.extra_repr()
 
 
 # --- the default: two sampled bit-widths, one pair per penalty --------------------------------
@@ -149,7 +149,7 @@ def test_the_default_samples_two_bits_one_pair_per_penalty():
     assert inspect.signature(TriQDefWrapper).parameters["penalty_bits"].default == 2
     bits = (32, 8, 5, 4, 2)  # K = 5: ten pairs under the exact objective
     w = _wrapper(bits=bits, lambda_cos=1.0)  # penalty_bits left at its default
-    assert w.penalty_bits == 2 and "penalty_bits" not in w.extra_repr()
+    assert w.penalty_bits == 2 and "penalty_bits=2" in w.extra_repr()
     torch.manual_seed(0)
     w.loss(*_batch())
     t = w.loss_terms()

@@ -753,11 +753,11 @@ class TriQDefWrapper(nn.Module):
             f"per_bit_bn={self.per_bit_bn}, bn_rows={self.bn_rows!r}, "
             f"input_bits={self.input_bits}, lambda_adv={self.lambda_adv}, "
             f"lambda_fdp={self.lambda_fdp}, lambda_gpdp={self.lambda_gpdp}, alpha={self.alpha}, "
-            f"beta={self.beta}, rho={self.rho}, pairs={self.pairs!r}"
+            f"beta={self.beta}, rho={self.rho}, pairs={self.pairs!r}, "
+            f"penalty_bits={self.penalty_bits}"
             + (f", lambda_cos={self.lambda_cos}" if self.lambda_cos else "")
             + (f", lambda_smooth={self.lambda_smooth}" if self.lambda_smooth else "")
             + (", memory_bounded=True" if self.memory_bounded else "")
-            + (f", penalty_bits={self.penalty_bits}" if self.penalty_bits != 2 else "")
             + (", detached" if self._detached else "")
         )
 
