@@ -8,6 +8,8 @@ import pytest
 import torch
 from torch import nn
 
+from triqdef import TriQDefWrapper as _TriQDefWrapper
+
 # One thread per test process: the suite runs as `pytest -n 2` on 2 cores, and more threads
 # than cores makes small-tensor work dramatically slower.
 torch.set_num_threads(1)
@@ -41,3 +43,38 @@ def tiny_cnn(in_channels: int = 3, num_classes: int = 10) -> nn.Module:
         nn.Flatten(),
         nn.Linear(32, num_classes),
     )
+
+
+# --- the penalty tests' tiny float64 setting (test_penalty_bits, test_gradient_penalties) ---
+BITS = (32, 8, 4, 2)  # K = 4: six unordered pairs
+
+
+def small_net() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 5),
+    )
+
+
+def _wrapper(bits=BITS, dtype=torch.float64, **kw) -> _TriQDefWrapper:
+    torch.manual_seed(0)
+    return _TriQDefWrapper(small_net().to(dtype), bits=bits, layers=["2", "4"], **kw)
+
+
+def _batch(b=6, dtype=torch.float64, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(b, 1, 9, 11, generator=g, dtype=dtype)
+    return x, torch.randint(0, 5, (b,), generator=g)
+
+
+def fixed_patch(xs, ys, wrapper):
+    """A patch source that draws no random number: the objective is a fixed function."""
+    out = xs.clone()
+    out[..., 2:6, 3:8] = 1.0
+    return out

@@ -8,45 +8,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import BITS, _batch, _wrapper, fixed_patch, small_net  # noqa: F401
 from torch import nn
 
 from triqdef import TriQDefWrapper
 from triqdef import objective as objective_module
 from triqdef.errors import ConfigError
 from triqdef.losses import gradient_alignment, gradient_smoothness
-
-BITS = (32, 8, 4, 2)  # K = 4: six unordered pairs
-
-
-def small_net() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1),
-        nn.BatchNorm2d(4),
-        nn.ReLU(),
-        nn.Conv2d(4, 4, 3, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(4, 5),
-    )
-
-
-def _wrapper(bits=BITS, dtype=torch.float64, **kw) -> TriQDefWrapper:
-    torch.manual_seed(0)
-    return TriQDefWrapper(small_net().to(dtype), bits=bits, layers=["2", "4"], **kw)
-
-
-def _batch(b=6, dtype=torch.float64, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(b, 1, 9, 11, generator=g, dtype=dtype)
-    return x, torch.randint(0, 5, (b,), generator=g)
-
-
-def fixed_patch(xs, ys, wrapper):
-    """A patch source that draws no random number: the objective is a fixed function."""
-    out = xs.clone()
-    out[..., 2:6, 3:8] = 1.0
-    return out
 
 
 def _state(w):

@@ -306,6 +306,27 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _bits_tuple(
+    fn: str, bits: object, what: str, default: tuple[int, ...], check_bit: Callable
+) -> tuple[int, ...]:
+    """``bits`` (None = ``default``) as a tuple of distinct bit-widths, each checked."""
+    if bits is None:
+        return default
+    if isinstance(bits, numbers.Integral) and not isinstance(bits, bool):
+        bits = (int(bits),)
+    try:
+        bits = tuple(bits)  # type: ignore[arg-type]
+    except TypeError:
+        raise InputError(f"{fn}: {what} must be a sequence of ints, got {bits!r}") from None
+    if not bits:
+        raise InputError(f"{fn}: {what} is empty")
+    for b in bits:
+        check_bit(b)
+    if len(set(bits)) != len(bits):
+        raise InputError(f"{fn}: {what} {bits} lists a bit-width more than once")
+    return bits
+
+
 class _Evaluated:
     """The model under evaluation: bit-widths, eval mode, normalisation, device."""
 
@@ -331,23 +352,7 @@ class _Evaluated:
 
     def check_bits(self, bits: object, what: str) -> tuple[int, ...]:
         """``bits`` (None = all) as a tuple; unknown bit-widths raise like ``set_bits``."""
-        if bits is None:
-            return self.bits
-        if isinstance(bits, numbers.Integral) and not isinstance(bits, bool):
-            bits = (int(bits),)
-        try:
-            bits = tuple(bits)  # type: ignore[arg-type]
-        except TypeError:
-            raise InputError(
-                f"{self.fn}: {what} must be a sequence of ints, got {bits!r}"
-            ) from None
-        if not bits:
-            raise InputError(f"{self.fn}: {what} is empty")
-        for b in bits:
-            self.check_bit(b)
-        if len(set(bits)) != len(bits):
-            raise InputError(f"{self.fn}: {what} {bits} lists a bit-width more than once")
-        return bits
+        return _bits_tuple(self.fn, bits, what, self.bits, self.check_bit)
 
     def check_bit(self, b: object) -> int:
         if self.wrapper is not None:
@@ -430,25 +435,13 @@ class _PerBitEvaluated:
         self.module = nn.ModuleList([ev.module for ev in self.subs.values()])
         self.device = next(iter(self.subs.values())).device
 
+    def check_bit(self, b: object) -> int:
+        if isinstance(b, bool) or b not in self.subs:
+            raise ConfigError(f"bit-width {b!r} has no model; the mapping has {self.bits}")
+        return int(b)  # type: ignore[call-overload]
+
     def check_bits(self, bits: object, what: str) -> tuple[int, ...]:
-        if bits is None:
-            return self.bits
-        if isinstance(bits, numbers.Integral) and not isinstance(bits, bool):
-            bits = (int(bits),)
-        try:
-            bits = tuple(bits)  # type: ignore[arg-type]
-        except TypeError:
-            raise InputError(
-                f"{self.fn}: {what} must be a sequence of ints, got {bits!r}"
-            ) from None
-        if not bits:
-            raise InputError(f"{self.fn}: {what} is empty")
-        for b in bits:
-            if isinstance(b, bool) or b not in self.subs:
-                raise ConfigError(f"bit-width {b!r} has no model; the mapping has {self.bits}")
-        if len(set(bits)) != len(bits):
-            raise InputError(f"{self.fn}: {what} {bits} lists a bit-width more than once")
-        return bits
+        return _bits_tuple(self.fn, bits, what, self.bits, self.check_bit)
 
     def source_model(self, bits: int) -> nn.Module:
         return self.subs[bits].module
