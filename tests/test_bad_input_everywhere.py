@@ -333,3 +333,38 @@ def test_bad_input_raises_a_triqdef_error_and_changes_nothing(case, tmp_path):
         assert (w.training, w.current_bits, w.active_bits) == mode
     assert all(type(p) is nn.Parameter for p in w.model.parameters())
     assert w._taps._store == {}
+
+
+# --- non-finite logits are never a success for the model ------------------------------------
+class _Const(nn.Module):
+    """Logits fixed by hand: class 0 wins, or NaN/Inf where asked."""
+
+    def __init__(self, bad: float | None = None) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+        self.bad = bad
+
+    def forward(self, x):
+        out = torch.zeros(x.shape[0], 3) * self.scale
+        out[:, 0] = 1.0
+        if self.bad is not None:
+            out[:, 0] = self.bad  # argmax of a NaN row is the NaN's index: "class 0"
+        return out
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_logits_never_count_for_the_model(bad):
+    x, y = torch.rand(4, 1, 4, 4), torch.zeros(4, dtype=torch.long)
+    assert ev.clean_accuracy(_Const(), [(x, y)]) == {32: 1.0}
+    if bad != float("-inf"):  # -inf loses the argmax: class 0 is not predicted anyway
+        assert ev.clean_accuracy(_Const(bad), [(x, y)]) == {32: 0.0}
+    clean = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    adv = torch.tensor([[bad, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    y2 = torch.tensor([0, 0])
+    # the first sample's patched logits are broken: an attack success, also targeted
+    assert ev.asr_counts(clean, adv, y2) == (1, 2)
+    assert ev.asr_counts(clean, adv, y2, target=1) == (1, 2)
+    # broken clean logits: never correct, so never eligible
+    assert ev.asr_counts(adv, clean, y2) == (0, 1)
+    assert ev.attack_success_rate(_Const(), x, x, y) == (0, 4)
+    assert ev.attack_success_rate(_Const(), x, x, y, target=1) == (0, 4)

@@ -8,6 +8,10 @@ here once and used everywhere:
 * **targeted ASR** = among samples whose label is not the target, the share predicted
   as the target.
 
+A sample whose logits hold NaN or Inf is never a success for the model: it is not
+correct when clean (so not eligible), and it counts as an attack success when patched.
+Clean accuracy likewise never counts such a sample as correct.
+
 Samples outside these sets (*ineligible*) count neither as successes nor as failures,
 so a model that is wrong on clean images gets no credit for it. A cell with no
 eligible sample has ASR ``nan`` (``None`` in JSON, ``n/a`` in tables).
@@ -251,14 +255,19 @@ def _target_tensor(fn: str, target: object, y: Tensor, num_classes: int) -> Tens
 def _counts(
     logits_clean: Tensor | None, logits_adv: Tensor, y: Tensor, target: Tensor | None
 ) -> tuple[Tensor, Tensor]:
-    """(successes, eligible) as 0-dim device tensors (no host sync)."""
+    """(successes, eligible) as 0-dim device tensors (no host sync).
+
+    A row with a NaN or Inf logit is never a success for the model: never correct when
+    clean (so not eligible), and always a success for the attack when patched.
+    """
     pred_adv = logits_adv.argmax(dim=1)
+    broken = ~torch.isfinite(logits_adv).all(dim=1)
     if target is None:
-        eligible = logits_clean.argmax(dim=1) == y
-        success = eligible & (pred_adv != y)
+        eligible = (logits_clean.argmax(dim=1) == y) & torch.isfinite(logits_clean).all(dim=1)
+        success = eligible & ((pred_adv != y) | broken)
     else:
         eligible = y != target
-        success = eligible & (pred_adv == target)
+        success = eligible & ((pred_adv == target) | broken)
     return success.sum(), eligible.sum()
 
 
@@ -524,7 +533,8 @@ def clean_accuracy(
                     f"clean_accuracy: x contains NaN or Inf (batch of shape {tuple(x.shape)})"
                 )
             for b in bits:
-                correct[b] += (ev.logits(x, b).argmax(dim=1) == y).sum()
+                logits = ev.logits(x, b)  # a row with NaN/Inf is never correct
+                correct[b] += ((logits.argmax(dim=1) == y) & torch.isfinite(logits).all(1)).sum()
             total += y.shape[0]
     return {b: int(correct[b]) / total for b in bits}
 
