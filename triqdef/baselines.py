@@ -22,8 +22,8 @@ function that a training loop calls once per batch.
 - ``triqdef``: the full objective with the BACT curriculum and pool patches;
 - ``triqdef-no-fdp`` / ``triqdef-no-gpdp``: ablations without one penalty.
 
-``qat`` and ``pbat`` train one model per bit-width (:data:`PER_BIT`); the others
-train one shared backbone.
+``qat`` and ``pbat`` train one model per bit-width
+(`PER_BIT`); the others train one shared backbone.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def make_method(
     Args:
         name: one of :data:`METHODS`.
         model: a fresh model (it is wrapped, not copied).
-        bits: the bit-widths; for the :data:`PER_BIT` methods exactly one.
+        bits: the bit-widths; for the `PER_BIT` methods exactly one.
         layers: layers tapped by FDP (TriQDef methods).
         pool: the patch source of ``dwq-train`` and the TriQDef methods (the paper's
             offline pool, or any patch source).

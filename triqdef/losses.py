@@ -177,7 +177,8 @@ def gradient_alignment(
         eps: floor of each sample's norm.
 
     Returns:
-        ``(K, K)`` matrix of sample-mean absolute cosines (reduce it with :func:`penalty`).
+        ``(K, K)`` matrix of sample-mean absolute cosines (reduce it with
+        [`penalty`][triqdef.losses.penalty]).
     """
 
     def unit(maps: list[Tensor]) -> Tensor:

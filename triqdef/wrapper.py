@@ -233,8 +233,8 @@ class TriQDefWrapper(nn.Module):
         descriptor: settings of the perceptual descriptors (quantile, sharpness, HOG).
         penalty_bits: an int ``m >= 2`` (default 2) or ``None`` (FDP and GPDP over
             every pair of active bit-widths: the exact objective). With ``m``, each
-            :meth:`loss` call draws ``m`` of the ``K`` active bit-widths uniformly
-            without replacement and computes FDP and GPDP (and ``lambda_cos`` /
+            [`loss`][triqdef.TriQDefWrapper.loss] call draws ``m`` of the ``K`` active
+            bit-widths uniformly without replacement and computes FDP and GPDP (and ``lambda_cos`` /
             ``lambda_smooth``) over that sample only; only those ``m`` bit-widths
             build a double-backward graph, the others run a plain forward for their
             cross-entropy, which stays over all ``K``. The estimate is unbiased:
@@ -247,7 +247,7 @@ class TriQDefWrapper(nn.Module):
             draw uses torch's global CPU generator (``torch.randperm``): seed it with
             ``torch.manual_seed`` to reproduce it, and seed every DDP rank identically
             so that all ranks draw the same bit-widths. A validated attribute:
-            assigning an invalid value raises :class:`~triqdef.errors.ConfigError`
+            assigning an invalid value raises [`ConfigError`][triqdef.errors.ConfigError]
             and keeps the old one.
         bn_rows: where [`loss`][triqdef.TriQDefWrapper.loss] takes BatchNorm running
             statistics from: ``"all"`` (default) the whole mixed batch, ``"clean"``
@@ -532,12 +532,12 @@ class TriQDefWrapper(nn.Module):
 
     @property
     def penalty_bits(self) -> int | None:
-        """How many active bit-widths each :meth:`loss` call samples for FDP and GPDP.
+        """How many active bit-widths each `loss` call samples for FDP and GPDP.
 
         Default 2; ``None``: all of them (the exact objective). Assignable between
         steps (e.g. ``wrapper.penalty_bits = None`` for a final exact phase); a value
         other than ``None`` or an int ``>= 2`` raises
-        :class:`~triqdef.errors.ConfigError` and leaves the previous value in place.
+        [`ConfigError`][triqdef.errors.ConfigError] and leaves the previous value.
         """
         return self._penalty_bits
 
