@@ -78,3 +78,14 @@ def fixed_patch(xs, ys, wrapper):
     out = xs.clone()
     out[..., 2:6, 3:8] = 1.0
     return out
+
+
+def _run(w, x, y, seed=None, patch=fixed_patch):
+    """Loss value and flattened parameter gradient of one call; ``seed`` seeds the draw."""
+    w.zero_grad(set_to_none=True)
+    if seed is not None:
+        torch.manual_seed(seed)
+    loss = w.loss(x, y, patch=patch)
+    loss.backward()
+    grad = torch.cat([p.grad.flatten() for p in w.parameters()])
+    return loss.detach(), grad

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BITS, _batch, _wrapper, fixed_patch, small_net  # noqa: F401
+from conftest import BITS, _batch, _run, _wrapper, fixed_patch, small_net  # noqa: F401
 from torch import nn
 
 from triqdef import TriQDefWrapper
@@ -21,14 +21,17 @@ def _state(w):
     return {k: v.clone() for k, v in w.state_dict().items()}
 
 
-def _run(w, x, y, seed=None, patch=fixed_patch):
-    w.zero_grad(set_to_none=True)
-    if seed is not None:
-        torch.manual_seed(seed)
-    loss = w.loss(x, y, patch=patch)
-    loss.backward()
-    grad = torch.cat([p.grad.flatten() for p in w.parameters()])
-    return loss.detach(), grad
+def _spy_on_grad(monkeypatch) -> list[bool]:
+    """Record the ``create_graph`` flag of every ``torch.autograd.grad`` call."""
+    calls = []
+    real_grad = torch.autograd.grad
+
+    def spy(outputs, inputs, *a, **kw):
+        calls.append(kw.get("create_graph", False))
+        return real_grad(outputs, inputs, *a, **kw)
+
+    monkeypatch.setattr(torch.autograd, "grad", spy)
+    return calls
 
 
 def _input_grads(w, x, y, bits, patch=fixed_patch):
@@ -52,14 +55,7 @@ def test_defaults_are_todays_objective(memory_bounded, monkeypatch):
     w = _wrapper(memory_bounded=memory_bounded, penalty_bits=None)  # every pair
     assert w.lambda_cos == 0.0 and w.lambda_smooth == 0.0
     assert "lambda_cos" not in w.extra_repr() and "lambda_smooth" not in w.extra_repr()
-    calls = []
-    real_grad = torch.autograd.grad
-
-    def spy(outputs, inputs, *a, **kw):
-        calls.append(kw.get("create_graph", False))
-        return real_grad(outputs, inputs, *a, **kw)
-
-    monkeypatch.setattr(torch.autograd, "grad", spy)
+    calls = _spy_on_grad(monkeypatch)
     x, y = _batch()
     total = w.loss(x, y, patch=fixed_patch)
     # GPDP's input gradient, once per bit-width, and nothing more
@@ -322,14 +318,7 @@ def test_only_sampled_bits_take_the_input_gradient(monkeypatch):
     w = _wrapper(
         bits=(32, 8, 5, 4, 2), penalty_bits=2, lambda_fdp=0.0, lambda_gpdp=0.0, lambda_smooth=1.0
     )
-    calls = []
-    real_grad = torch.autograd.grad
-
-    def spy(outputs, inputs, *a, **kw):
-        calls.append(kw.get("create_graph", False))
-        return real_grad(outputs, inputs, *a, **kw)
-
-    monkeypatch.setattr(torch.autograd, "grad", spy)
+    calls = _spy_on_grad(monkeypatch)
     torch.manual_seed(0)
     w.loss(*_batch(), patch=fixed_patch)
     assert calls == [True, True]  # with create_graph although lambda_gpdp == 0

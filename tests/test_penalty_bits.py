@@ -7,23 +7,12 @@ import itertools
 
 import pytest
 import torch
-from conftest import BITS, _batch, _wrapper, fixed_patch, small_net  # noqa: F401
+from conftest import BITS, _batch, _run, _wrapper, fixed_patch, small_net  # noqa: F401
 from torch import nn
 
 from triqdef import TriQDefWrapper
 from triqdef import objective as objective_module
 from triqdef.errors import ConfigError
-
-
-def _run(w, x, y, seed=None, patch=fixed_patch):
-    """Loss value and flattened parameter gradient of one call; ``seed`` seeds the draw."""
-    w.zero_grad(set_to_none=True)
-    if seed is not None:
-        torch.manual_seed(seed)
-    loss = w.loss(x, y, patch=patch)
-    loss.backward()
-    grad = torch.cat([p.grad.flatten() for p in w.parameters()])
-    return loss.detach(), grad
 
 
 def _sampled(w) -> tuple[int, ...]:
