@@ -387,6 +387,10 @@ def test_transfer_matrix_per_bit_models(setup):
     """A mapping {bits: model}: source s crafts on model s, target t is scored on model t."""
     w, data = setup
     other = _wrapper(seed=1)
+    with torch.no_grad():  # a model that differs: it always predicts class 0
+        head = other.model[-1]
+        head.weight.zero_()
+        head.bias.copy_(torch.arange(CLASSES, 0, -1, dtype=head.bias.dtype))
     models = {32: w, 4: other}
     before = (_state(w), _state(other))
     m = transfer_matrix(models, _factory(), data, seed=0)
@@ -405,6 +409,9 @@ def test_transfer_matrix_per_bit_models(setup):
         for j, t in enumerate((32, 4)):
             assert m.counts[i][j] == tuple(per_target[t])
         assert all(seen[0] == s for seen in attack.seen)
+    # target 4 is scored on the other model: only its class-0 samples are eligible
+    n_zero = sum(int((y == 0).sum()) for _, y in data)
+    assert [row[1][1] for row in m.counts] == [n_zero, n_zero] != [row[0][1] for row in m.counts]
     with pytest.raises(ConfigError, match="has no model"):
         transfer_matrix(models, _factory(), data, source_bits=[8])
     with pytest.raises(InputError, match="32 bits only"):  # a plain model has no 2-bit view
