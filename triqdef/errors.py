@@ -17,6 +17,8 @@ __all__ = [
     "NotCalibratedError",
     "DetachedError",
     "NonFiniteLossError",
+    "CheckpointFileError",
+    "ConcurrentUseError",
 ]
 
 
@@ -53,3 +55,22 @@ class DetachedError(TriQDefError, RuntimeError):
 
 class NonFiniteLossError(TriQDefError, ValueError):
     """A loss term came out NaN or Inf; the message names the term and bit-width."""
+
+
+class CheckpointFileError(CheckpointError, OSError):
+    """A checkpoint file could not be written or read (a directory, a missing folder,
+    no permission, a read-only or full disk).
+
+    A [`CheckpointError`][triqdef.errors.CheckpointError] that is also an ``OSError``,
+    so ``except OSError`` keeps catching what the operating system reported;
+    ``errno`` is the system's error number where there was one. The message names the
+    path.
+    """
+
+
+class ConcurrentUseError(TriQDefError, RuntimeError):
+    """A second thread tried to change the bit-width of a wrapper another thread is using.
+
+    The quantizers swap the shared weights in place, so one wrapper runs at one
+    bit-width at a time; give each thread its own wrapper (or use DDP).
+    """

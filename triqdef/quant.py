@@ -22,6 +22,13 @@ Grids (zero-point fixed at 0 everywhere):
 The straight-through estimator comes from PyTorch's fused fake-quant ops:
 the gradient is 1 where the value fell inside the grid's range and 0 where it
 was clipped, and the op supports double backward.
+
+Non-finite values: the activation quantizer turns NaN and +-Inf entries into
+NaN (the fused op alone would clamp them onto the grid and hide them), so a NaN
+or Inf input never gives a finite output, at no host synchronisation. An
+observer never learns a non-finite value: a batch whose minimum or maximum is
+NaN or +-Inf leaves it as it was (see
+[`LayerQuantizer.observe`][triqdef.quant.LayerQuantizer.observe]).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .errors import ConfigError, NotCalibratedError
 
@@ -41,6 +49,7 @@ __all__ = [
     "LayerQuantizer",
     "BatchNormStats",
     "CleanRowsBatchNorm",
+    "weight_access",
 ]
 
 _UNSEEN, _UNSIGNED, _SIGNED = 0, 1, 2
@@ -121,11 +130,48 @@ def fake_quantize_activation(
         signed: which grid (see :func:`quant_range`).
 
     Returns:
-        Tensor like ``x`` with at most ``2^bits`` distinct values.
+        Tensor like ``x`` with at most ``2^bits`` distinct finite values; an entry
+        that is NaN or +-Inf in ``x`` is NaN (no host synchronisation), so a
+        non-finite input never becomes a finite grid value. The gradient of a
+        finite entry is the clipped straight-through estimator, exactly as without
+        that rule.
     """
     qmin, qmax = quant_range(bits, signed)
     zero = torch.zeros((), dtype=torch.int32, device=x.device)
-    return torch.fake_quantize_per_tensor_affine(x, scale.reshape(()), zero, qmin, qmax)
+    out = torch.fake_quantize_per_tensor_affine(x, scale.reshape(()), zero, qmin, qmax)
+    # x - x is 0 where x is finite and NaN where it is not; as a constant it adds no
+    # autograd node and saves nothing for backward (cheaper than torch.where + mask).
+    xd = x.detach()
+    return out + (xd - xd)
+
+
+def weight_access(owner: nn.Module, name: str) -> str | None:
+    """How the layer ``owner`` holds its weight ``name``, as the quantizer swaps it.
+
+    Returns:
+        ``"parameter"``: a plain ``nn.Parameter`` in ``owner._parameters``;
+        ``"parametrized"``: computed by ``torch.nn.utils.parametrize`` (e.g.
+        ``torch.nn.utils.parametrizations.weight_norm`` / ``spectral_norm``);
+        ``"computed"``: a tensor attribute recomputed before every forward by a
+        forward pre-hook object with ``.name == name`` and a ``remove(module)``
+        method (the older ``torch.nn.utils.weight_norm`` / ``spectral_norm``);
+        ``None``: none of these (the layer cannot be quantized).
+    """
+    if owner._parameters.get(name) is not None:
+        return "parameter"
+    if parametrize.is_parametrized(owner, name):
+        return "parametrized"
+    if isinstance(owner.__dict__.get(name), torch.Tensor) and _recomputing_hook(owner, name):
+        return "computed"
+    return None
+
+
+def _recomputing_hook(owner: nn.Module, name: str):
+    """The forward pre-hook object that recomputes ``owner.<name>`` (old-style weight_norm)."""
+    for key, hook in owner._forward_pre_hooks.items():
+        if getattr(hook, "name", None) == name and callable(getattr(hook, "remove", None)):
+            return key, hook
+    return None
 
 
 class BitContext:
@@ -141,9 +187,13 @@ class BitContext:
     tensor arguments so that a layer can tell whether it reads them
     (``is_input``). ``rows`` is ``(n_clean, n_total)`` while the objective runs
     a mixed batch whose first ``n_clean`` rows are clean, else ``None``.
+
+    ``finite_log`` is ``None``, or a list to which every observation appends
+    ``(quantizer, index, ok)`` with ``ok`` a 0-dim bool tensor (on the device) saying
+    whether the batch was finite; ``calibrate`` reads it with one synchronisation.
     """
 
-    __slots__ = ("qbits", "index", "observe", "input_bits", "rows", "_inputs")
+    __slots__ = ("qbits", "index", "observe", "input_bits", "rows", "finite_log", "_inputs")
 
     def __init__(self, qbits: tuple[int, ...], input_bits: int | None = None) -> None:
         self.qbits = qbits
@@ -151,6 +201,7 @@ class BitContext:
         self.observe = True
         self.input_bits = input_bits
         self.rows: tuple[int, int] | None = None
+        self.finite_log: list[tuple[LayerQuantizer, int, torch.Tensor]] | None = None
         self._inputs: dict[int, tuple[torch.Tensor, ...]] = {}
 
     def __getstate__(self) -> dict:
@@ -191,6 +242,13 @@ class LayerQuantizer(nn.Module):
 
     Weights need no buffer: their per-channel scale is read off the current
     shared weight at every call, so it always matches the weights being trained.
+    A weight is swapped for its quantized value for the duration of the layer's
+    forward: a plain ``nn.Parameter`` in the layer's parameter dict, a tensor
+    attribute recomputed by an old-style ``torch.nn.utils.weight_norm`` /
+    ``spectral_norm`` pre-hook, or, for a ``torch.nn.utils.parametrize``
+    parametrization (``parametrizations.weight_norm``, ``spectral_norm``, ...), the
+    value the parametrization computes, through
+    [`weight_hook`][triqdef.quant.LayerQuantizer.weight_hook] (see ``weight_access``).
 
     ``reads_input`` (host side, not a buffer) says whether the layer was seen
     reading the model's own input: ``None`` until a forward of the whole model ran
@@ -225,7 +283,7 @@ class LayerQuantizer(nn.Module):
         self.num_inputs = num_inputs
         self.momentum = momentum
         self._kind_cache: list[int | None] = [None] * k
-        self._stash: list[list[tuple[nn.Module, str, torch.Tensor]]] = []
+        self._stash: list[list[tuple[dict, str, torch.Tensor]]] = []  # (dict, name, shared)
         self.reads_input: bool | None = None
 
     def extra_repr(self) -> str:
@@ -274,19 +332,35 @@ class LayerQuantizer(nn.Module):
         return activation_scale(self.act_min[index], self.act_max[index], bits, signed), signed
 
     def observe(self, x: torch.Tensor, index: int) -> None:
-        """Update the moving-average min/max of bit-width number ``index`` with ``x``."""
+        """Update the moving-average min/max of bit-width number ``index`` with ``x``.
+
+        A batch holding NaN or +-Inf (its minimum or maximum is not finite) is
+        skipped: the observer keeps what it had, so it never learns a non-finite
+        value. After the first batch this costs no host synchronisation (the old
+        value is selected on the device); the first batch, which decides the grid,
+        synchronises once as before and leaves the observer unseen if it is not
+        finite.
+        """
         with torch.no_grad():
             lo, hi = torch.aminmax(x.detach())
             lo, hi = lo.to(self.act_min.dtype), hi.to(self.act_max.dtype)
+            ok = torch.isfinite(lo) & torch.isfinite(hi)
+            log = self._ctx.finite_log
+            if log is not None:
+                log.append((self, index, ok))
             if self._kind(index) == _UNSEEN:  # first batch: take it as is, pick the grid
-                kind = _SIGNED if bool(lo < 0) else _UNSIGNED
+                negative, finite = torch.stack([lo < 0, ok]).tolist()
+                if not finite:
+                    return
+                kind = _SIGNED if negative else _UNSIGNED
                 self.act_min[index] = lo
                 self.act_max[index] = hi
                 self.act_kind[index] = kind
                 self._kind_cache[index] = kind
-            else:
-                self.act_min[index].lerp_(lo, self.momentum)
-                self.act_max[index].lerp_(hi, self.momentum)
+            else:  # a non-finite batch moves nothing: lerp to the old value is exact
+                old_lo, old_hi = self.act_min[index], self.act_max[index]
+                old_lo.lerp_(torch.where(ok, lo, old_lo), self.momentum)
+                old_hi.lerp_(torch.where(ok, hi, old_hi), self.momentum)
 
     def quantize_input(
         self, x: torch.Tensor, index: int, training: bool, bits: int | None = None
@@ -294,10 +368,14 @@ class LayerQuantizer(nn.Module):
         """Observe (in training mode) and fake-quantize one input tensor.
 
         ``bits`` sets the grid (default: bit-width number ``index``); at 32 the input
-        is observed but passes unchanged.
+        is observed but passes unchanged. In training mode, an observer that has
+        never seen finite data (its first batches held NaN or Inf) lets ``x`` pass
+        unchanged instead of raising.
         """
         if training and self._ctx.observe:
             self.observe(x, index)
+            if self._kind(index) == _UNSEEN:  # only a non-finite first batch gets here
+                return x
         bits = self._ctx.qbits[index] if bits is None else bits
         scale, signed = self.scale(index, bits)
         if bits >= 32:
@@ -334,22 +412,40 @@ class LayerQuantizer(nn.Module):
                 if id(x) not in done:
                     done[id(x)] = self.quantize_input(x, index, module.training, grid)
                 args[i] = done[id(x)]
-        swapped: list[tuple[nn.Module, str, torch.Tensor]] = []
+        swapped: list[tuple[dict, str, torch.Tensor]] = []
         self._stash.append(swapped)
         for path, name in self.weights:
             owner = module.get_submodule(path) if path else module
-            w = owner._parameters[name]
-            quantized = fake_quantize_weight(w, bits)
-            swapped.append((owner, name, w))
-            owner._parameters[name] = quantized
+            if name in owner._parameters:
+                where = owner._parameters
+            elif name in owner.__dict__:  # recomputed by an old-style weight_norm pre-hook
+                where = owner.__dict__
+            else:  # torch.nn.utils.parametrize: quantized by `weight_hook`
+                continue
+            w = where[name]
+            swapped.append((where, name, w))
+            where[name] = fake_quantize_weight(w, bits)
         return tuple(args), kwargs
 
     def post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output):
         """Forward hook (always called): put the shared weights back."""
         if self._stash:
-            for owner, name, w in self._stash.pop():
-                owner._parameters[name] = w
+            for where, name, w in self._stash.pop():
+                where[name] = w
         return None
+
+    def weight_hook(self, parametrization: nn.Module, args: tuple, output: torch.Tensor):
+        """Forward hook of a parametrized weight's ``ParametrizationList``.
+
+        While this layer's forward runs below 32 bits (between ``pre_hook`` and
+        ``post_hook``), the weight the parametrization computes is returned
+        fake-quantized; outside it (e.g. reading ``layer.weight`` between calls) it
+        is left alone.
+        """
+        index = self._ctx.index
+        if index is None or not self._stash:
+            return None
+        return fake_quantize_weight(output, self._ctx.qbits[index])
 
 
 class BatchNormStats(nn.Module):
@@ -360,6 +456,11 @@ class BatchNormStats(nn.Module):
     for bit-width number ``i``) that is swapped in for the duration of the
     layer's forward and updated in place by BatchNorm itself. The affine
     parameters stay shared.
+
+    The rows follow the dtype of the layer's own statistics: after
+    ``wrapper.model.double()`` (or ``.half()``), which casts the model but not the
+    wrapper's buffers, the first forward below 32 bits casts the rows to the new
+    dtype, as ``wrapper.double()`` would have.
 
     Args:
         ctx: the wrapper's :class:`BitContext`.
@@ -389,6 +490,11 @@ class BatchNormStats(nn.Module):
         index = self._ctx.index
         if index is None:
             return None
+        dtype = module._buffers["running_mean"].dtype
+        if self.running_mean.dtype != dtype:  # the model alone was cast: follow it
+            with torch.no_grad():
+                self.running_mean = self.running_mean.to(dtype)
+                self.running_var = self.running_var.to(dtype)
         self._stash.append([module._buffers[n] for n in self._names])
         for name in self._names:
             module._buffers[name] = getattr(self, name)[index]

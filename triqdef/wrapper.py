@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import copy
 import difflib
 import functools
 import math
+import threading
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from .attacks.patching import PatchSource, RandomPatch
 from .errors import (
+    ConcurrentUseError,
     ConfigError,
     DetachedError,
     InputError,
@@ -22,7 +25,14 @@ from .errors import (
     NotCalibratedError,
 )
 from .losses import PAIR_MODES, DescriptorConfig
-from .quant import BatchNormStats, BitContext, CleanRowsBatchNorm, LayerQuantizer
+from .quant import (
+    BatchNormStats,
+    BitContext,
+    CleanRowsBatchNorm,
+    LayerQuantizer,
+    _recomputing_hook,
+    weight_access,
+)
 from .taps import FeatureTaps
 
 __all__ = ["TriQDefWrapper", "DEFAULT_BITS"]
@@ -30,6 +40,119 @@ __all__ = ["TriQDefWrapper", "DEFAULT_BITS"]
 DEFAULT_BITS = (32, 8, 5, 4, 2)
 BN_ROWS = ("all", "clean")
 _QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def _in_backward() -> bool:
+    """Whether this thread is running an autograd backward (e.g. the memory-bounded
+    replay, which the engine may run on its own device thread for the caller)."""
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is not None and task() != -1
+
+
+class _BitsGuard:
+    """Which thread holds a wrapper's bit-width (inside ``at_bits``, ``calibrate`` or
+    ``loss``). Re-entrant for its thread; a new one after a copy or unpickling."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.holder: int | None = None
+        self.depth = 0
+
+    def __reduce__(self):
+        return (_BitsGuard, ())
+
+    def _refuse(self, what: str, bits: int) -> ConcurrentUseError:
+        return ConcurrentUseError(
+            f"{what}: another thread (ident {self.holder}) is using this TriQDefWrapper at "
+            f"{bits} bits (inside at_bits, calibrate or loss). The bit-width is one mode of "
+            "the wrapper and its hooks swap the shared weights, so two threads cannot run it "
+            "at once: give each thread its own copy (copy.deepcopy(wrapper)), or use "
+            "DistributedDataParallel rather than DataParallel. Nothing was changed"
+        )
+
+    def check(self, what: str, bits: int) -> None:
+        """Raise if another thread holds the bit-width (a plain read: no lock)."""
+        holder = self.holder
+        if holder is not None and holder != threading.get_ident() and not _in_backward():
+            raise self._refuse(what, bits)
+
+    @contextlib.contextmanager
+    def hold(self, what: str, bits: int) -> Iterator[None]:
+        """Hold the bit-width for this thread inside the block, or raise if another does."""
+        if _in_backward():  # acting for the thread that called backward
+            yield
+            return
+        me = threading.get_ident()
+        with self._lock:
+            if self.holder is not None and self.holder != me:
+                raise self._refuse(what, bits)
+            self.holder, self.depth = me, self.depth + 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.depth -= 1
+                if not self.depth:
+                    self.holder = None
+
+
+def _logits_of(out, what: str = "loss") -> torch.Tensor:
+    """The ``(B, K)`` class scores in what a classifier returned.
+
+    Accepted: a ``(B, K)`` tensor; a tuple or namedtuple (its first item, e.g.
+    torchvision's ``GoogLeNetOutputs`` / ``InceptionOutputs`` in training mode, whose
+    auxiliary logits are not used); a mapping (its ``"logits"`` entry, e.g. a Hugging
+    Face ``ModelOutput``, else its ``"out"`` entry); a ``(B, K, 1, ..., 1)`` tensor
+    (squeezed to ``(B, K)``).
+
+    Raises:
+        InputError: anything else, e.g. ``(B, K, H, W)`` per-pixel scores (segmentation
+            is not image classification) or ``(B,)``; the message names what the model
+            returned.
+    """
+    got = out
+    if isinstance(out, Mapping):
+        key = "logits" if "logits" in out else "out" if "out" in out else None
+        if key is None:
+            raise InputError(
+                f"{what}: the model returned a {type(got).__name__} with keys "
+                f"{list(out)[:8]}; a mapping needs a 'logits' (or 'out') entry holding "
+                "(B, K) class scores"
+            )
+        out = out[key]
+    elif isinstance(out, (tuple, list)):
+        if not out:
+            raise InputError(f"{what}: the model returned an empty {type(got).__name__}")
+        out = out[0]
+    if not isinstance(out, torch.Tensor):
+        inner = "" if out is got else f" whose first item / logits entry is {type(out).__name__}"
+        raise InputError(
+            f"{what}: the model must return (B, K) logits (or a tuple, namedtuple or dict "
+            f"holding them), got {type(got).__name__}{inner}"
+        )
+    if out.ndim > 2 and all(s == 1 for s in out.shape[2:]):
+        out = out.flatten(1)  # (B, K, 1, 1): a classifier ending in a 1x1 convolution
+    if out.ndim != 2:
+        hint = (
+            "; (B, K, H, W) holds per-pixel scores (segmentation), not one score per class "
+            "and image: pool them in the model (e.g. nn.AdaptiveAvgPool2d(1) + nn.Flatten())"
+            if out.ndim > 2
+            else ""
+        )
+        raise InputError(
+            f"{what}: the model returned a tensor of shape {tuple(out.shape)}, expected "
+            f"(B, K) class scores{hint}"
+        )
+    return out
+
+
+def _loss_logits_hook(ctx: BitContext, module: nn.Module, args: tuple, output):
+    """Forward hook of the root model: inside the loss (``ctx.rows`` set), hand the
+    objective the ``(B, K)`` logits of a model returning a tuple, dict or ``(B, K, 1, 1)``;
+    outside it the model's output is left exactly as it is."""
+    if ctx.rows is None or (isinstance(output, torch.Tensor) and output.ndim == 2):
+        return None
+    return _logits_of(output, "loss")
 
 
 def _key(name: str) -> str:
@@ -163,10 +286,64 @@ def _check_feature_inputs(w: TriQDefWrapper, args: tuple, kwargs: dict) -> None:
             )
 
 
+def _failed(checks: list[tuple[str, torch.Tensor]]) -> list[str]:
+    """The labels whose 0-dim bool tensor is False, each once, in order (one host
+    synchronisation per device)."""
+    by_device: dict[torch.device, list] = {}
+    for label, ok in checks:
+        by_device.setdefault(ok.device, []).append((label, ok))
+    bad = set()
+    for entries in by_device.values():
+        flags = torch.stack([ok for _, ok in entries]).tolist()
+        bad.update(label for (label, _), fine in zip(entries, flags) if not fine)
+    return [label for label in dict.fromkeys(label for label, _ in checks) if label in bad]
+
+
 def _device_of(module: nn.Module) -> torch.device | None:
     """The device of a module's first parameter (its buffers follow it)."""
     p = next(module.parameters(), None)
     return None if p is None else p.device
+
+
+def _weight_owner(layer: nn.Module, path: str) -> nn.Module:
+    return layer.get_submodule(path) if path else layer
+
+
+def _materialize(owner: nn.Module, name: str) -> None:
+    """Replace a computed weight of ``owner`` (a throwaway copy) by a plain parameter
+    holding its current value: every ``torch.nn.utils.parametrize`` tensor of the
+    layer, or an old-style ``weight_norm`` / ``spectral_norm`` attribute."""
+    if weight_access(owner, name) == "computed":
+        key, hook = _recomputing_hook(owner, name)
+        hook.remove(owner)  # what torch.nn.utils.remove_weight_norm does
+        del owner._forward_pre_hooks[key]
+        return
+    if weight_access(owner, name) != "parametrized":
+        return
+    # Not parametrize.remove_parametrizations: it deletes the property from the
+    # parametrized class, which a deep copy shares with the original layer.
+    with torch.no_grad():
+        values = {t: getattr(owner, t).detach().clone() for t in owner.parametrizations}
+    owner.__class__ = type(owner).__bases__[0]  # the class before parametrization
+    del owner._modules["parametrizations"]
+    for t, value in values.items():
+        owner.register_parameter(t, nn.Parameter(value))
+
+
+def _check_weights(model: nn.Module, points: dict[str, tuple]) -> None:
+    """Raise ConfigError for a layer whose weight the quantizer cannot swap."""
+    modules = dict(model.named_modules())
+    for name, (weights, _) in points.items():
+        for path, pname in weights:
+            owner = _weight_owner(modules[name], path)
+            if weight_access(owner, pname) is None:
+                full = f"{name}.{path}" if path else name
+                raise ConfigError(
+                    f"layer {full!r} ({type(owner).__name__}) holds its {pname!r} neither as an "
+                    "nn.Parameter, nor through torch.nn.utils.parametrize, nor as an old-style "
+                    "torch.nn.utils.weight_norm/spectral_norm attribute, so it cannot be "
+                    f"quantized; keep it in full precision with exclude=[{name!r}]"
+                )
 
 
 def _quant_points(model: nn.Module, exclude: tuple[str, ...]) -> dict[str, tuple]:
@@ -202,6 +379,10 @@ class TriQDefWrapper(nn.Module):
     * every ``nn.Conv1d/2d/3d`` and ``nn.Linear`` (and ``nn.MultiheadAttention``'s
       projections) gets its weight fake-quantized per output channel and its input
       fake-quantized per tensor at the active bit-width (see :mod:`triqdef.quant`);
+      a weight computed by ``torch.nn.utils.parametrize`` (e.g.
+      ``torch.nn.utils.parametrizations.weight_norm`` or ``spectral_norm``) or by the
+      older ``torch.nn.utils.weight_norm`` / ``spectral_norm`` is quantized as computed,
+      and gradients reach the underlying parameters;
     * every BatchNorm layer keeps one set of running statistics per bit-width;
     * the layers named in ``layers`` are tapped for the perceptual penalties.
 
@@ -283,7 +464,9 @@ class TriQDefWrapper(nn.Module):
             docs/objective.md). Independent of ``pairs``.
 
     Raises:
-        ConfigError: an argument is not valid; nothing is attached to the model.
+        ConfigError: an argument is not valid, or a layer to quantize holds its weight
+            in a way the quantizer cannot swap (the message names it); nothing is
+            attached to the model.
         LayerNotFoundError: a name in ``layers`` or ``exclude`` is not a module of
             the model.
 
@@ -382,6 +565,7 @@ class TriQDefWrapper(nn.Module):
                 f"{type(model).__name__} has no Conv1d/2d/3d, Linear or MultiheadAttention "
                 f"layer to quantize{' outside `exclude`' if exclude else ''}"
             )
+        _check_weights(model, points)
 
         super().__init__()
         self.model = model
@@ -404,6 +588,8 @@ class TriQDefWrapper(nn.Module):
         self._ctx = BitContext(tuple(b for b in bits if b < 32), input_bits)
         self._bn_rows_hooks = CleanRowsBatchNorm(self._ctx)
         self._bits = bits[0]
+        self._guard = _BitsGuard()
+        self._warned_uncalled: tuple[str, ...] = ()
         self._detached = False
         self._taps = FeatureTaps(layers)
         self._handles: list = []
@@ -436,6 +622,11 @@ class TriQDefWrapper(nn.Module):
             self._handles.append(
                 m.register_forward_hook(q.post_hook, with_kwargs=True, always_call=True)
             )
+            for path, pname in q.weights:
+                owner = _weight_owner(m, path)
+                if weight_access(owner, pname) == "parametrized":
+                    plist = owner.parametrizations[pname]
+                    self._handles.append(plist.register_forward_hook(q.weight_hook))
         for name, m in modules.items():
             tracked = isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
             if self.bn_rows == "clean" and tracked:  # before `stats`: it swaps back after
@@ -464,6 +655,8 @@ class TriQDefWrapper(nn.Module):
         for name in self.layers:
             hook = functools.partial(self._taps.hook, name)
             self._handles.append(modules[name].register_forward_hook(hook))
+        logits = functools.partial(_loss_logits_hook, self._ctx)
+        self._handles.append(self.model.register_forward_hook(logits))
 
     def detach(self) -> None:
         """Remove every hook from the model; idempotent.
@@ -488,27 +681,56 @@ class TriQDefWrapper(nn.Module):
         """The active bit-width (a mode, like ``training``: not saved in checkpoints)."""
         return self._bits
 
+    def _check_bits_arg(self, bits) -> None:
+        if isinstance(bits, bool) or not isinstance(bits, int) or bits not in self.bits:
+            raise ConfigError(f"bit-width {bits!r} is not one of this wrapper's bits {self.bits}")
+
     def set_bits(self, bits: int) -> TriQDefWrapper:
         """Make ``bits`` the active bit-width; returns ``self``.
 
+        The bit-width is one mode of the whole wrapper, shared by every thread (its
+        hooks also swap the shared weights during a forward), so a wrapper serves one
+        thread at a time. While another thread is inside
+        [`at_bits`][triqdef.TriQDefWrapper.at_bits],
+        [`calibrate`][triqdef.TriQDefWrapper.calibrate] or
+        [`loss`][triqdef.TriQDefWrapper.loss], this raises instead of switching that
+        thread's bit-width under it; give each thread its own ``copy.deepcopy(wrapper)``.
+
         Raises:
             ConfigError: ``bits`` is not one of the wrapper's bit-widths.
+            ConcurrentUseError: another thread holds the bit-width; nothing is changed.
         """
-        if isinstance(bits, bool) or not isinstance(bits, int) or bits not in self.bits:
-            raise ConfigError(f"bit-width {bits!r} is not one of this wrapper's bits {self.bits}")
+        self._check_bits_arg(bits)
+        self._guard.check("set_bits", self._bits)
         self._bits = int(bits)
         self._ctx.index = self._ctx.qbits.index(bits) if bits < 32 else None
         return self
 
     @contextlib.contextmanager
     def at_bits(self, bits: int) -> Iterator[TriQDefWrapper]:
-        """Context manager: run at ``bits`` inside the block, restore the previous one after."""
-        previous = self._bits
-        self.set_bits(bits)
-        try:
-            yield self
-        finally:
-            self.set_bits(previous)
+        """Context manager: run at ``bits`` inside the block, restore the previous one after.
+
+        The block holds the wrapper's bit-width for the calling thread: ``at_bits``,
+        ``set_bits``, ``calibrate`` or ``loss`` from another thread meanwhile raises
+        ``ConcurrentUseError`` (a ``RuntimeError``; it changes nothing) instead of
+        running one thread at the other's bit-width. Nesting in one thread is fine, and
+        so is a backward inside the block (even one the autograd engine runs on its own
+        thread). A plain ``wrapper(x)`` is not checked: from another thread it runs at
+        whatever bit-width is active. A wrapper is not thread-safe: give each thread
+        its own ``copy.deepcopy(wrapper)``.
+
+        Raises:
+            ConfigError: ``bits`` is not one of the wrapper's bit-widths.
+            ConcurrentUseError: another thread holds the bit-width.
+        """
+        self._check_bits_arg(bits)
+        with self._guard.hold("at_bits", self._bits):
+            previous = self._bits
+            self.set_bits(bits)
+            try:
+                yield self
+            finally:
+                self.set_bits(previous)
 
     # --- running -----------------------------------------------------------------------
     def _check_attached(self) -> None:
@@ -581,16 +803,29 @@ class TriQDefWrapper(nn.Module):
         With ``memory_bounded=True`` the returned loss's backward re-runs one
         bit-width at a time with the other bit-widths' descriptors detached, which
         gives the same gradients with one double-backward graph alive at a time,
-        at the price of a second forward pass per bit-width.
+        at the price of a second forward pass per bit-width; ``backward(retain_graph=True)``
+        works in both modes (a second backward accumulates the same gradients again).
+
+        Under ``torch.no_grad()`` the loss is computed as in training (observers,
+        BatchNorm statistics and [`loss_terms`][triqdef.TriQDefWrapper.loss_terms] move)
+        and returned without a graph; under ``torch.inference_mode()`` it raises
+        ``InputError`` before anything changes.
 
         With ``penalty_bits=m`` (fewer than the active bit-widths), the penalties are
         an unbiased estimate over the pairs of ``m`` bit-widths drawn for this call
         (the cross-entropy terms stay over every active bit-width); the memory-bounded
         backward reuses the same draw.
 
+        The model may return its logits ``(B, K)`` directly, or inside a tuple or
+        namedtuple (the first item is used: torchvision's ``GoogLeNetOutputs`` and
+        ``InceptionOutputs`` give their main logits, the auxiliary ones are ignored),
+        inside a mapping (its ``"logits"`` entry, e.g. a Hugging Face ``ModelOutput``,
+        else its ``"out"`` entry), or as ``(B, K, 1, 1)`` (squeezed). ``wrapper(x)``
+        still returns what the model returns.
+
         Args:
             x: images ``(B, C, H, W)`` on the model's device.
-            y: class indices ``(B,)``.
+            y: class indices ``(B,)`` of any integer dtype (used as int64).
             patch: ``None`` (the wrapper's ``patch_source``), one patch ``(C, h, w)``
                 placed at a random location per sample, a batch ``(N, C, h, w)``
                 (one drawn per patched sample), or a patch source
@@ -600,13 +835,19 @@ class TriQDefWrapper(nn.Module):
             Scalar loss. :meth:`loss_terms` gives its breakdown.
 
         Raises:
-            InputError: bad shapes, dtypes, devices, labels out of range, NaN/Inf in
-                ``x`` or the patch; nothing is changed.
+            InputError: bad shapes, devices, labels out of range or not integers,
+                images of another dtype than the model's parameters (outside
+                autocast), NaN/Inf in ``x`` or the patch, a model output that holds no
+                ``(B, K)`` logits (e.g. ``(B, K, H, W)`` segmentation scores), or a call
+                under ``torch.inference_mode()``; nothing is changed.
             NonFiniteLossError: a term is NaN/Inf; nothing is changed.
+            ConcurrentUseError: another thread holds the bit-width (see
+                [`at_bits`][triqdef.TriQDefWrapper.at_bits]); nothing is changed.
         """
         from .objective import triqdef_loss
 
-        return triqdef_loss(self, x, y, patch)
+        with self._guard.hold("loss", self._bits):
+            return triqdef_loss(self, x, y, patch)
 
     def loss_terms(self) -> dict[str, float]:
         """Breakdown of the last :meth:`loss` as plain floats (synchronises only when called).
@@ -629,6 +870,9 @@ class TriQDefWrapper(nn.Module):
     def features(self, *args, **kwargs) -> dict[str, torch.Tensor]:
         """Run the model at the active bit-width and return the tapped outputs.
 
+        In training mode the observers learn from this forward as from any other
+        (a batch holding NaN or Inf is skipped by every observer it reaches).
+
         Returns:
             ``{layer name: output}`` for every name in ``layers``; nothing is kept
             after the call.
@@ -647,15 +891,60 @@ class TriQDefWrapper(nn.Module):
         """Names of the layers that are quantized below 32 bits."""
         return [n for n, _ in self.model.named_modules() if _key(n) in self.quantizers]
 
+    def _layer_quantizers(self) -> list[LayerQuantizer]:
+        """The quantizers in the order of ``quantized_layers()``."""
+        return [self.quantizers[_key(n)] for n in self.quantized_layers()]
+
+    def _observed(self) -> dict[str, list[bool]]:
+        """Layer name -> whether its observers have seen data, per bit-width below 32."""
+        k = len(self._ctx.qbits)
+        return {
+            n: [self.quantizers[_key(n)].calibrated(i) for i in range(k)]
+            for n in self.quantized_layers()
+        }
+
     def calibrated_bits(self) -> tuple[int, ...]:
         """Bit-widths whose observers have all seen data (32 bits needs none).
 
-        A bit-width missing here raises :class:`~triqdef.errors.NotCalibratedError`
-        in evaluation until a training-mode forward at it or :meth:`calibrate`.
+        Layers that never ran (see
+        [`uncalled_layers`][triqdef.TriQDefWrapper.uncalled_layers]) do not count.
+        A bit-width missing here raises
+        [`NotCalibratedError`][triqdef.errors.NotCalibratedError] in evaluation until a
+        training-mode forward at it or [`calibrate`][triqdef.TriQDefWrapper.calibrate].
         """
+        rows = [row for row in self._observed().values() if any(row)]
         qbits = self._ctx.qbits
-        ready = [all(q.calibrated(i) for q in self.quantizers.values()) for i in range(len(qbits))]
+        ready = [bool(rows) and all(row[i] for row in rows) for i in range(len(qbits))]
         return tuple(b for b in self.bits if b == 32 or ready[qbits.index(b)])
+
+    def uncalled_layers(self) -> list[str]:
+        """Quantized layers that never ran: their observers have seen no data at any
+        bit-width while other layers' have (e.g. an ``nn.Linear`` the model defines but
+        its ``forward`` never calls).
+
+        They do not hold back [`calibrated_bits`][triqdef.TriQDefWrapper.calibrated_bits]
+        or [`export`][triqdef.TriQDefWrapper.export] (which leaves them in full
+        precision, having no input range for them); ``calibrate`` and ``export`` warn
+        once naming them. Keep such a layer out with ``exclude=[...]`` to silence the
+        warning. Empty before any layer has seen data.
+        """
+        seen = {n: any(row) for n, row in self._observed().items()}
+        return [n for n, s in seen.items() if not s] if any(seen.values()) else []
+
+    def _warn_uncalled(self) -> list[str]:
+        """Warn (once per set of layers) about layers that never ran; return them."""
+        names = self.uncalled_layers()
+        if names and tuple(names) != getattr(self, "_warned_uncalled", ()):
+            self._warned_uncalled = tuple(names)
+            warnings.warn(
+                f"layers {names} never ran: their observers have seen no data at any "
+                "bit-width while the other layers' have. calibrated_bits() ignores them and "
+                "export() leaves them in full precision; call them in the model's forward, or "
+                "keep them out with exclude=[...]",
+                UserWarning,
+                stacklevel=3,
+            )
+        return names
 
     @torch.no_grad()
     def calibrate(
@@ -666,7 +955,12 @@ class TriQDefWrapper(nn.Module):
         Each batch (a tensor, or a tuple whose first item is the input) is run
         in training mode without gradients; BatchNorm statistics become the
         plain average over the batches. Weights are not touched. If anything
-        fails, every statistic is restored to what it was.
+        fails, every statistic is restored to what it was. Finite batches whose
+        activations overflow (e.g. ``x * 3e38``) fail the call when NaN or Inf reaches
+        a quantized layer's input (its observers would skip that batch) or the
+        BatchNorm statistics being estimated. Layers the batches never reach are
+        reported once in a warning (see
+        [`uncalled_layers`][triqdef.TriQDefWrapper.uncalled_layers]).
 
         Args:
             batches: an iterable of inputs, e.g. a few batches of a held-out loader.
@@ -679,9 +973,12 @@ class TriQDefWrapper(nn.Module):
 
         Raises:
             ConfigError: ``bits``, ``observers`` or ``batches`` is not valid.
-            InputError: a batch is not a valid input, or the model fails on it.
+            InputError: a batch is not a valid input, the model fails on it, or NaN or
+                Inf reached a quantized layer's input or a BatchNorm statistic (the
+                message names them).
             NotCalibratedError: ``observers=False`` for a bit-width whose observers
                 have never seen data. Nothing is changed.
+            ConcurrentUseError: another thread holds the bit-width. Nothing is changed.
         """
         self._check_attached()
         if not isinstance(observers, bool):
@@ -710,14 +1007,21 @@ class TriQDefWrapper(nn.Module):
         if not batches:
             raise ConfigError("calibrate() got no batches")
         _check_calibration_batches(self, batches)
+        with self._guard.hold("calibrate", self._bits):
+            self._calibrate(batches, targets, observers)
+        self._warn_uncalled()
+
+    def _calibrate(self, batches: list, targets: list[int], observers: bool) -> None:
         params = {k for k, _ in self.named_parameters()}
         saved = {k: v.clone() for k, v in self.state_dict().items() if k not in params}
         bns = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         momenta = [m.momentum for m in bns]
         was_training, previous, observing = self.training, self._bits, self._ctx.observe
+        names = {id(q): n for n, q in zip(self.quantized_layers(), self._layer_quantizers())}
         try:
             self.train()
             self._ctx.observe = observers  # False: the observers see nothing, move nothing
+            self._ctx.finite_log = []
             for m in bns:
                 m.momentum = None  # cumulative average over the calibration batches
                 if 32 in targets or not self.bn_stats:  # the model's own statistics
@@ -736,15 +1040,43 @@ class TriQDefWrapper(nn.Module):
                             f"calibrate: the model failed on batch {i} at {b} bits "
                             f"({type(exc).__name__}: {exc}); statistics restored"
                         ) from exc
+                checks = [(f"input of {names[id(q)]!r}", ok) for q, _, ok in self._ctx.finite_log]
+                self._ctx.finite_log.clear()
+                bad = _failed(checks + self._bn_finite(b))
+                if bad:
+                    raise InputError(
+                        f"calibrate: at {b} bits NaN or Inf came out of finite batches in: "
+                        f"{', '.join(bad)}. The model's activations overflow (e.g. inputs "
+                        "scaled far beyond the training data); calibrate with data like the "
+                        "training data. Statistics restored"
+                    )
         except BaseException:
-            self.load_state_dict(saved, strict=False)
+            # the wrapper's own statistics: restore them without the value checks
+            nn.Module.load_state_dict(self, saved, strict=False)
             raise
         finally:
+            self._ctx.finite_log = None
             for m, mom in zip(bns, momenta):
                 m.momentum = mom
             self._ctx.observe = observing
             self.train(was_training)
             self.set_bits(previous)
+
+    def _bn_finite(self, bits: int) -> list[tuple[str, torch.Tensor]]:
+        """``(label, all finite)`` for the BatchNorm statistics ``bits`` runs with."""
+        out = []
+        for name, m in self.model.named_modules():
+            if not isinstance(m, nn.modules.batchnorm._BatchNorm) or m.running_mean is None:
+                continue
+            stats = self.bn_stats[_key(name)] if _key(name) in self.bn_stats else None
+            if bits < 32 and stats is not None:
+                i = self._ctx.qbits.index(bits)
+                mean, var = stats.running_mean[i], stats.running_var[i]
+            else:
+                mean, var = m.running_mean, m.running_var
+            ok = torch.isfinite(mean).all() & torch.isfinite(var).all()
+            out.append((f"the BatchNorm statistics of {name!r}", ok))
+        return out
 
     def extra_repr(self) -> str:
         return (
@@ -763,14 +1095,34 @@ class TriQDefWrapper(nn.Module):
 
     # --- state -------------------------------------------------------------------------
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Like ``nn.Module.load_state_dict``, but checks keys and shapes first.
+        """Like ``nn.Module.load_state_dict``, but checks everything before copying anything.
 
-        A mismatching ``state_dict`` raises :class:`~triqdef.errors.CheckpointError`
-        before anything is copied, so a failed load leaves the wrapper unchanged.
+        Keys (when ``strict``), types, shapes, dtypes and the values of observers and
+        BatchNorm statistics are checked first, as
+        [`check_state_dict`][triqdef.io.check_state_dict] describes: a tensor of another
+        kind (an integer tensor for float weights), a value that is not a tensor, NaN/Inf
+        observers or BatchNorm statistics, a negative running variance or an out-of-range
+        observer kind is refused, so a failed load leaves the wrapper unchanged. Within
+        a kind, dtypes are cast as ``nn.Module.load_state_dict`` does; with
+        ``assign=True`` (the tensors become the wrapper's) they must match exactly.
+
+        Args:
+            state_dict (Mapping[str, torch.Tensor]): a mapping from keys of
+                ``state_dict()`` to tensors.
+            strict: require exactly this wrapper's keys.
+            assign: keep the given tensors instead of copying into the existing ones.
+
+        Returns:
+            keys (NamedTuple): ``missing_keys`` and ``unexpected_keys``, as
+                ``nn.Module.load_state_dict`` returns them (both empty when ``strict``).
+
+        Raises:
+            InputError: ``state_dict`` is not a mapping with str keys.
+            CheckpointError: ``state_dict`` does not fit this wrapper; nothing is changed.
         """
         from .io import check_state_dict
 
-        check_state_dict(self, state_dict, strict=strict)
+        check_state_dict(self, state_dict, strict=strict, exact_dtype=bool(assign))
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def export(self, bits: int) -> nn.Module:
@@ -780,7 +1132,40 @@ class TriQDefWrapper(nn.Module):
         statistics and fixed input quantizers, is in eval mode, reproduces this
         wrapper's eval-mode output at ``bits`` and is accepted by
         ``torch.export.export``. See :func:`triqdef.export.export_model`.
+
+        A weight computed by a parametrization (``weight_norm``, ``spectral_norm``, new
+        or old style) is stored in the copy as a plain quantized parameter (its
+        eval-mode value). Layers that never ran
+        ([`uncalled_layers`][triqdef.TriQDefWrapper.uncalled_layers]) are left in full
+        precision, with a warning. The wrapper is not modified.
         """
         from .export import export_model
 
-        return export_model(self, bits)
+        self._check_attached()
+        if isinstance(bits, bool) or bits not in self.bits:
+            return export_model(self, bits)  # its ConfigError
+        idle = self._warn_uncalled() if bits < 32 else []
+        computed = [
+            (_weight_owner(self.model.get_submodule(n), path), n, path, pname)
+            for n, q in zip(self.quantized_layers(), self._layer_quantizers())
+            for path, pname in q.weights
+        ]
+        computed = [c for c in computed if weight_access(c[0], c[3]) != "parameter"]
+        if not idle and not computed:
+            return export_model(self, bits)
+        # An old-style weight_norm attribute computed with grad is not a leaf, which
+        # deepcopy refuses: the copy gets its value (recomputed before any forward anyway).
+        memo = {
+            id(t): t.detach().clone()
+            for owner, *_, pname in computed
+            if isinstance(t := owner.__dict__.get(pname), torch.Tensor)
+        }
+        if bits == 32:  # the model as it is; only an old-style attribute needs the copy
+            return export_model(copy.deepcopy(self, memo) if memo else self, bits)
+        twin = copy.deepcopy(self, memo)  # this wrapper stays as it is
+        twin.model.eval()  # spectral_norm: the eval-mode weight, no power iteration
+        for name in idle:  # no quantizer: left in full precision (its hooks go with export's)
+            del twin.quantizers[_key(name)]
+        for _, name, path, pname in computed:
+            _materialize(_weight_owner(twin.model.get_submodule(name), path), pname)
+        return export_model(twin, bits)
