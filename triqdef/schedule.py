@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import collections
 import itertools
+import numbers
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from .errors import ConfigError
@@ -147,14 +148,25 @@ class BACTSchedule:
     def step(self) -> tuple[int, ...]:
         """Advance one step; stages whose milestone is reached join (and are calibrated).
 
+        The step counts, and the stage advances, only once the joining bit-widths are
+        calibrated: if the calibration batches cannot be read or
+        [`calibrate`][triqdef.TriQDefWrapper.calibrate] fails, the error propagates and
+        the schedule and the wrapper are left as they were, so calling ``step()`` again
+        (after fixing the loader) retries the join.
+
         Returns:
             The bit-widths that joined at this step (empty most of the time).
+
+        Raises:
+            InputError: a calibration batch is not a valid input (from
+                [`calibrate`][triqdef.TriQDefWrapper.calibrate]); nothing advanced.
+            Exception: whatever ``calib_loader`` raises while it is read; nothing advanced.
         """
-        self.steps += 1
+        steps, stage = self.steps + 1, self.stage
         joined: list[int] = []
-        while self.stage < len(self.milestones) and self.steps >= self.milestones[self.stage]:
-            self.stage += 1
-            joined.extend(self.stages[self.stage])
+        while stage < len(self.milestones) and steps >= self.milestones[stage]:
+            stage += 1
+            joined.extend(self.stages[stage])
         if joined:
             batches = self._calibration_batches()
             quantized = [b for b in joined if b < 32]
@@ -166,6 +178,8 @@ class BACTSchedule:
                     "and no loss computed yet); their observers start at the first step",
                     stacklevel=2,
                 )
+        self.steps, self.stage = steps, stage  # calibrated: only now the stage advances
+        if joined:
             self._apply_stage()
         return tuple(joined)
 
@@ -178,21 +192,76 @@ class BACTSchedule:
             "milestones": list(self.milestones),
         }
 
+    def _stage_at(self, steps: int) -> int:
+        """The stage :meth:`step` reaches after ``steps`` steps."""
+        return 0 if steps == 0 else sum(m <= steps for m in self.milestones)
+
     def load_state_dict(self, state: dict) -> None:
-        """Resume at a saved stage; the wrapper's per-bit state comes from its own checkpoint."""
-        if not isinstance(state, dict):
-            raise ConfigError(f"schedule state must be a dict, got {type(state).__name__}")
-        try:
-            stages = tuple(tuple(s) for s in state.get("stages", ()))
-        except TypeError:
-            raise ConfigError(f"invalid schedule state {state}") from None
-        if stages != self.stages or tuple(state.get("milestones", ())) != self.milestones:
+        """Resume at a saved stage; the wrapper's per-bit state comes from its own checkpoint.
+
+        Every field is checked before anything changes: ``state`` must be what
+        [`state_dict`][triqdef.BACTSchedule.state_dict] returned for a schedule with
+        the same ``stages`` and ``milestones``, with ``steps`` a non-negative int and
+        ``stage`` the stage those steps reach.
+
+        Args:
+            state: a dict from [`state_dict`][triqdef.BACTSchedule.state_dict].
+
+        Raises:
+            ConfigError: ``state`` is not such a dict (wrong type, missing or unknown
+                keys, a field of the wrong type or out of range, or another schedule's
+                stages, milestones or progress); the schedule and the wrapper are
+                unchanged.
+        """
+        fields = ("steps", "stage", "stages", "milestones")
+        if not isinstance(state, Mapping):
             raise ConfigError(
-                f"schedule state is for stages {stages} / milestones {state.get('milestones')}, "
-                f"this schedule has {self.stages} / {self.milestones}"
+                f"schedule state must be a dict from BACTSchedule.state_dict(), got "
+                f"{type(state).__name__}"
             )
-        steps, stage = state.get("steps"), state.get("stage")
-        if not isinstance(steps, int) or not isinstance(stage, int) or not 0 <= stage < len(stages):
-            raise ConfigError(f"invalid schedule state {state}")
-        self.steps, self.stage = steps, stage
+        missing = [k for k in fields if k not in state]
+        unknown = [k for k in state if k not in fields]
+        if missing or unknown:
+            raise ConfigError(
+                f"schedule state must hold exactly the keys {list(fields)} (from "
+                f"BACTSchedule.state_dict()); missing {missing}, unknown {unknown}"
+            )
+
+        def ints(value, name: str) -> tuple[int, ...]:
+            if not isinstance(value, (list, tuple)) or not all(_is_int(v) for v in value):
+                raise ConfigError(f"schedule state: {name} must be a list of ints, got {value!r}")
+            return tuple(int(v) for v in value)
+
+        stages = state["stages"]
+        if not isinstance(stages, (list, tuple)):
+            raise ConfigError(f"schedule state: stages must be a list of lists, got {stages!r}")
+        stages = tuple(ints(s, "each stage") for s in stages)
+        milestones = ints(state["milestones"], "milestones")
+        if stages != self.stages or milestones != self.milestones:
+            raise ConfigError(
+                f"schedule state is for stages {stages} / milestones {milestones}, "
+                f"this schedule has {self.stages} / {self.milestones}; build the schedule "
+                "with the saved stages and milestones"
+            )
+        steps, stage = state["steps"], state["stage"]
+        if not _is_int(steps) or steps < 0:
+            raise ConfigError(f"schedule state: steps must be an int >= 0, got {steps!r}")
+        if not _is_int(stage) or not 0 <= stage < len(self.stages):
+            raise ConfigError(
+                f"schedule state: stage must be an int in [0, {len(self.stages) - 1}], "
+                f"got {stage!r}"
+            )
+        expected = self._stage_at(int(steps))
+        if stage != expected:
+            raise ConfigError(
+                f"schedule state: stage {stage} does not follow from steps={steps} with "
+                f"milestones {self.milestones} (that is stage {expected}); the state was "
+                "edited or belongs to another schedule"
+            )
+        self.steps, self.stage = int(steps), int(stage)
         self._apply_stage()
+
+
+def _is_int(value) -> bool:
+    """An integer that is not a bool (numpy integers count)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
