@@ -66,7 +66,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attacks.patching import apply_patch
+from .attacks.patching import (
+    apply_patch,
+    check_dtype,
+    is_label_dtype,
+    label_dtype_error,
+    model_dtype,
+    resolve_device,
+)
 from .errors import ConfigError, InputError
 from .functional import descriptor_cosine, edge_iou, gradient_cosine, hog, soft_dice
 from .losses import DescriptorConfig, _as_map, describe
@@ -168,8 +175,11 @@ def _batches(
     max_batches: int | None,
     progress: bool,
     desc: str,
+    dtype: torch.dtype | None = None,
 ) -> Iterator[tuple[Tensor, Tensor]]:
-    """Validated ``(x, y)`` batches on ``device``; raises if the loader yields none."""
+    """Validated ``(x, y)`` batches on ``device``, labels as int64; raises if the loader
+    yields none. Images must have the model's parameter ``dtype`` (see
+    ``triqdef.attacks.patching.check_dtype``); labels any integer dtype."""
     if not isinstance(loader, Iterable):
         raise InputError(
             f"{desc}: loader must be an iterable of (x, y) batches, got {type(loader).__name__}"
@@ -185,21 +195,19 @@ def _batches(
             if not isinstance(x, Tensor) or x.ndim != 4 or not x.is_floating_point():
                 got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, Tensor) else type(x)
                 raise InputError(f"{desc}: x must be a floating (B, C, H, W) tensor, got {got}")
-            if (
-                not isinstance(y, Tensor)
-                or y.dtype.is_floating_point
-                or y.dtype == torch.bool
-                or y.shape != (x.shape[0],)
-            ):
-                got = f"{y.dtype} {tuple(y.shape)}" if isinstance(y, Tensor) else type(y)
+            if not isinstance(y, Tensor) or not is_label_dtype(y.dtype):
+                raise label_dtype_error(f"{desc}: y", y)
+            if y.shape != (x.shape[0],):
                 raise InputError(
-                    f"{desc}: y must be an integer tensor of shape ({x.shape[0]},), got {got}"
+                    f"{desc}: y must have shape ({x.shape[0]},) like the batch, got "
+                    f"{tuple(y.shape)}"
                 )
             if x.shape[0] == 0:
                 raise InputError(f"{desc}: got an empty batch, x of shape {tuple(x.shape)}")
             for name, t in (("x", x), ("y", y)):
                 if t.device.type == "meta":  # nothing to move to the model's device
                     raise InputError(f"{desc}: {name} is on the meta device, which holds no data")
+            check_dtype(x, dtype, "x", f"{desc}: ")
             n += 1
             yield x.to(device, non_blocking=True), y.to(device, non_blocking=True).long()
             if max_batches is not None and n >= max_batches:
@@ -212,19 +220,31 @@ def _batches(
         raise InputError(f"{desc}: the loader yielded no batches")
 
 
+def _labels_out_of_range(y: Tensor, num_classes: int) -> Tensor:
+    """0-dim bool device tensor: some label is outside ``[0, num_classes)`` (no host sync)."""
+    return ((y < 0) | (y >= num_classes)).any()
+
+
+def _label_range_error(fn: str, y: Tensor, num_classes: int) -> InputError:
+    """The error naming the first label of ``y`` outside ``[0, num_classes)``."""
+    bad = ((y < 0) | (y >= num_classes)).nonzero()
+    i = int(bad[0, 0]) if bad.numel() else 0
+    return InputError(
+        f"{fn}: label {int(y[i])} (sample {i} of the batch) is outside the model's "
+        f"{num_classes} classes; labels must be class indices in [0, {num_classes}), "
+        f"i.e. 0 to {num_classes - 1}"
+    )
+
+
 def _check_labels(fn: str, y: Tensor, num_classes: int) -> None:
-    if bool(((y < 0) | (y >= num_classes)).any()):  # one host sync per batch
-        lo, hi = int(y.min()), int(y.max())
-        raise InputError(
-            f"{fn}: labels must be in [0, {num_classes}) for a model with {num_classes} "
-            f"classes, got values in [{lo}, {hi}]"
-        )
+    if bool(_labels_out_of_range(y, num_classes)):  # one host sync per batch
+        raise _label_range_error(fn, y, num_classes)
 
 
 def _target_tensor(fn: str, target: object, y: Tensor, num_classes: int) -> Tensor:
     """``target`` (an int or a (B,) tensor) as a (B,) long tensor, checked against the classes."""
     if isinstance(target, Tensor):
-        if target.dtype.is_floating_point or target.dtype == torch.bool:
+        if not is_label_dtype(target.dtype):
             raise InputError(f"{fn}: target must hold integer class indices, got {target.dtype}")
         if target.ndim == 0:
             t = target.to(y.device).long().expand_as(y)
@@ -315,6 +335,25 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _check_device(fn: str, device: object, model: nn.Module) -> torch.device:
+    """``device=`` checked (it must exist here, and be where the model is); default: the
+    model's device."""
+    home = _model_device(model)
+    if device is None:
+        return home
+    dev = resolve_device(device, f"{fn}: device")
+    has_state = (
+        next(model.parameters(), None) is not None or next(model.buffers(), None) is not None
+    )
+    if has_state and dev != home:
+        raise InputError(
+            f"{fn}: device={str(dev)!r} but the model is on {home}; the evaluation runs where "
+            f"the model is, so move the model first (model.to({str(dev)!r})) or leave "
+            "device=None"
+        )
+    return dev
+
+
 def _bits_tuple(
     fn: str, bits: object, what: str, default: tuple[int, ...], check_bit: Callable
 ) -> tuple[int, ...]:
@@ -356,7 +395,8 @@ class _Evaluated:
         self.fn = fn
         self.module = model
         self.norm = _Normalize(mean, std)
-        self.device = torch.device(device) if device is not None else _model_device(model)
+        self.device = _check_device(fn, device, model)
+        self.dtype = model_dtype(model)
         self.descriptor = model.descriptor if self.wrapper is not None else DescriptorConfig()
 
     def check_bits(self, bits: object, what: str) -> tuple[int, ...]:
@@ -439,10 +479,17 @@ class _PerBitEvaluated:
             ev = _Evaluated(fn, m, mean, std, device)
             ev.check_bit(b)
             self.subs[int(b)] = ev
+        dtypes = {ev.dtype for ev in self.subs.values()} - {None}
+        if len(dtypes) > 1:
+            raise InputError(
+                f"{fn}: the models' parameters have different dtypes {sorted(map(str, dtypes))}; "
+                "convert them to one dtype with model.to(dtype)"
+            )
         self.fn = fn
         self.bits = tuple(self.subs)
         self.module = nn.ModuleList([ev.module for ev in self.subs.values()])
         self.device = next(iter(self.subs.values())).device
+        self.dtype = dtypes.pop() if dtypes else None
 
     def check_bit(self, b: object) -> int:
         if isinstance(b, bool) or b not in self.subs:
@@ -497,7 +544,8 @@ def clean_accuracy(
             plain module).
         mean: per-channel mean subtracted before the model (``None``: no shift).
         std: per-channel standard deviation divided out before the model (``None``: 1).
-        device: where to run (default: the model's device).
+        device: where to run: the model's device (the default), named as a
+            ``torch.device``, a string or a CUDA index; the model is not moved.
         progress: show a tqdm progress bar over batches.
         max_batches: stop after this many batches (default: the whole loader).
 
@@ -505,12 +553,14 @@ def clean_accuracy(
         ``{bits: accuracy in [0, 1]}`` in the order of ``bits``.
 
     Raises:
-        InputError: empty loader, malformed batch (including one on the meta device, or
-            images holding NaN/Inf), bits other than 32 for a plain module.
+        InputError: empty loader, malformed batch (including one on the meta device,
+            images holding NaN/Inf or of another dtype than the model's parameters,
+            labels outside the model's classes), bits other than 32 for a plain module,
+            a ``device`` this machine does not have or that is not the model's.
         ConfigError: a bit-width that the wrapper does not have.
 
     Shape:
-        - x: :math:`(B, C, H, W)`, y: :math:`(B,)` per batch
+        - x: :math:`(B, C, H, W)`, y: :math:`(B,)` per batch (any integer dtype)
 
     Example:
         >>> net = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
@@ -524,16 +574,22 @@ def clean_accuracy(
     correct = {b: torch.zeros((), dtype=torch.long, device=ev.device) for b in bits}
     total = 0
     batches = contextlib.closing(
-        _batches(loader, ev.device, max_batches, progress, "clean_accuracy")
+        _batches(loader, ev.device, max_batches, progress, "clean_accuracy", ev.dtype)
     )
     with ev.session(), torch.no_grad(), batches as stream:
         for x, y in stream:
-            if not bool(torch.isfinite(x).all()):  # one host sync per batch
-                raise InputError(
-                    f"clean_accuracy: x contains NaN or Inf (batch of shape {tuple(x.shape)})"
-                )
-            for b in bits:
+            for i, b in enumerate(bits):
                 logits = ev.logits(x, b)  # a row with NaN/Inf is never correct
+                if i == 0:  # eval mode: that forward changed nothing
+                    k = logits.shape[1]
+                    bad_x = ~torch.isfinite(x).all()
+                    if bool(bad_x | _labels_out_of_range(y, k)):  # one host sync per batch
+                        if bool(bad_x):
+                            raise InputError(
+                                "clean_accuracy: x contains NaN or Inf (batch of shape "
+                                f"{tuple(x.shape)})"
+                            )
+                        raise _label_range_error("clean_accuracy", y, k)
                 correct[b] += ((logits.argmax(dim=1) == y) & torch.isfinite(logits).all(1)).sum()
             total += y.shape[0]
     return {b: int(correct[b]) / total for b in bits}
@@ -595,14 +651,10 @@ def asr_counts(
             f"{fn}: logits_clean {tuple(logits_clean.shape)} and logits_adv "
             f"{tuple(logits_adv.shape)} differ in shape"
         )
-    if (
-        not isinstance(y, Tensor)
-        or y.shape != (b,)
-        or y.dtype.is_floating_point
-        or y.dtype == torch.bool
-    ):
-        got = f"{y.dtype} {tuple(y.shape)}" if isinstance(y, Tensor) else type(y).__name__
-        raise InputError(f"{fn}: y must be an integer tensor of shape ({b},), got {got}")
+    if not isinstance(y, Tensor) or not is_label_dtype(y.dtype):
+        raise label_dtype_error(f"{fn}: y", y)
+    if y.shape != (b,):
+        raise InputError(f"{fn}: y must have shape ({b},) like the logits, got {tuple(y.shape)}")
     y = y.to(logits_adv.device).long()
     _check_labels(fn, y, k)
     t = None if target is None else _target_tensor(fn, target, y, k)
@@ -646,7 +698,8 @@ def attack_success_rate(
         ``(successes, eligible)``; the ASR is their ratio.
 
     Raises:
-        InputError: shapes disagree, labels or target outside the model's classes.
+        InputError: shapes disagree, images not on the model's device or of another
+            dtype than its parameters, labels or target outside the model's classes.
         ConfigError: ``bits`` is not one of the wrapper's bit-widths.
 
     Shape:
@@ -662,6 +715,16 @@ def attack_success_rate(
         raise InputError(
             f"{fn}: x_clean {tuple(x_clean.shape)} and x_adv {tuple(x_adv.shape)} differ in shape"
         )
+    if isinstance(model, nn.Module):
+        has_state = next(model.parameters(), None) is not None
+        has_state = has_state or next(model.buffers(), None) is not None
+        home = _model_device(model) if has_state else None
+        for name, t in (("x_clean", x_clean), ("x_adv", x_adv)):
+            if t.device.type == "meta":
+                raise InputError(f"{fn}: {name} is on the meta device, which holds no data")
+            if home is not None and t.device != home:
+                raise InputError(f"{fn}: {name} is on {t.device} but the model is on {home}")
+            check_dtype(t, model_dtype(model), name, f"{fn}: ")
     ev = _Evaluated(fn, model, mean, std, x_clean.device)
     b = ev.wrapper.current_bits if (bits is None and ev.wrapper is not None) else bits
     b = 32 if b is None else ev.check_bit(b)
@@ -958,15 +1021,18 @@ def transfer_matrix(
         std: per-channel standard deviation divided out before the model.
         max_batches: stop after this many batches.
         progress: show a tqdm progress bar over batches.
-        device: where to run (default: the model's device).
+        device: where to run: the model's device (the default), named as a
+            ``torch.device``, a string or a CUDA index; the model is not moved.
         seed: seed of the noise-floor patches (default: the global RNG).
 
     Returns:
         the :class:`TransferMatrix`.
 
     Raises:
-        InputError: empty loader, malformed batch or attack output, a target class
-            outside the model's outputs, attacks that disagree on being targeted.
+        InputError: empty loader, malformed batch (images of another dtype than the
+            model's parameters, labels outside its classes) or attack output, a target
+            class outside the model's outputs, attacks that disagree on being targeted,
+            a ``device`` this machine does not have or that is not the model's.
         ConfigError: a bit-width the wrapper does not have.
 
     Shape:
@@ -995,7 +1061,7 @@ def transfer_matrix(
     succ, elig = zeros(n_s, n_t), zeros(n_s, n_t)
     noise_succ, noise_elig = zeros(n_t), zeros(n_t)
     samples = 0
-    batches = contextlib.closing(_batches(loader, ev.device, max_batches, progress, fn))
+    batches = contextlib.closing(_batches(loader, ev.device, max_batches, progress, fn, ev.dtype))
     with ev.session(), batches as stream:
         attacks = {s: make_attack(ev.source_model(s), s) for s in sources}
         ev.module.eval()
@@ -1465,7 +1531,8 @@ def alignment_report(
         std: per-channel standard deviation divided out before the model.
         pairs: explicit pairs instead of all pairs of ``bits``; may repeat a bit-width,
             e.g. ``(4, 4)`` as a self-similarity baseline.
-        device: where to run (default: the model's device).
+        device: where to run: the model's device (the default), named as a
+            ``torch.device``, a string or a CUDA index; the model is not moved.
         seed: seed of the random patch locations.
         progress: show a tqdm progress bar over batches.
 
@@ -1473,8 +1540,10 @@ def alignment_report(
         the :class:`AlignmentReport`.
 
     Raises:
-        InputError: empty loader, malformed batch (including one on the meta device),
-            fewer than one pair, ``bits`` and ``pairs`` both given, bad patch.
+        InputError: empty loader, malformed batch (including one on the meta device,
+            images of another dtype than the model's parameters, labels outside its
+            classes), fewer than one pair, ``bits`` and ``pairs`` both given, bad patch,
+            a ``device`` this machine does not have or that is not the model's.
         ConfigError: a bit-width the wrapper does not have.
         LayerNotFoundError: a layer name that is not in the model.
 
@@ -1521,7 +1590,7 @@ def alignment_report(
     capture = _Capture()
     modules = dict(ev.net.named_modules())
     handles = []
-    batches = contextlib.closing(_batches(loader, ev.device, max_batches, progress, fn))
+    batches = contextlib.closing(_batches(loader, ev.device, max_batches, progress, fn, ev.dtype))
     with ev.session(), batches as stream:
         try:
             for name in names:

@@ -23,9 +23,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .attacks.patching import PatchSource, apply_patch
+from .attacks.patching import (
+    PatchSource,
+    apply_patch,
+    check_dtype,
+    is_label_dtype,
+    label_dtype_error,
+    model_dtype,
+)
 from .errors import InputError, NonFiniteLossError
 from .losses import (
+    Descriptors,
     describe,
     gradient_alignment,
     gradient_smoothness,
@@ -40,27 +48,40 @@ __all__ = ["triqdef_loss"]
 
 
 # --- input checks ------------------------------------------------------------------------
-def _check_inputs(w: TriQDefWrapper, x, y, patch) -> None:
+def _check_grad_mode() -> None:
+    """The loss differentiates through the model; ``torch.inference_mode`` forbids that."""
+    if torch.is_inference_mode_enabled():
+        raise InputError(
+            "loss: called under torch.inference_mode(), but the TriQDef loss needs autograd "
+            "(it is a training objective, and GPDP takes input gradients even to compute "
+            "its value); call it outside inference_mode. Under torch.no_grad() it returns "
+            "the loss value without a graph; for accuracy use triqdef.evaluate.clean_accuracy"
+        )
+
+
+def _check_inputs(w: TriQDefWrapper, x, y, patch) -> tuple[Tensor, Tensor]:
+    """Validate the call; returns ``x`` and ``y`` ready for use (labels as int64)."""
     if not isinstance(x, Tensor) or not x.is_floating_point() or x.ndim != 4:
         got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
         raise InputError(f"loss: x must be a floating (B, C, H, W) tensor, got {got}")
     if x.shape[0] == 0 or x.numel() == 0:
         raise InputError(f"loss: x is empty, shape {tuple(x.shape)}")
-    if not isinstance(y, Tensor) or y.dtype.is_floating_point or y.dtype == torch.bool:
-        got = y.dtype if isinstance(y, Tensor) else type(y).__name__
-        raise InputError(f"loss: y must be an integer tensor of class indices, got {got}")
+    if not isinstance(y, Tensor) or not is_label_dtype(y.dtype):
+        raise label_dtype_error("loss: y", y)
     if y.shape != (x.shape[0],):
         raise InputError(f"loss: y must have shape ({x.shape[0]},), got {tuple(y.shape)}")
     param = next(w.model.parameters(), None)
     for name, t in (("x", x), ("y", y)):
         if param is not None and t.device != param.device:
             raise InputError(f"loss: {name} is on {t.device} but the model is on {param.device}")
-    if (
-        param is not None
-        and x.dtype != param.dtype
-        and not torch.is_autocast_enabled(x.device.type)
-    ):
-        raise InputError(f"loss: x is {x.dtype} but the model's parameters are {param.dtype}")
+    check_dtype(x, model_dtype(w.model), "x", "loss: ")
+    _check_patch(x, patch)
+    # tensors made under inference_mode cannot be saved for backward: plain copies
+    x = x.clone() if x.is_inference() else x
+    return x, (y.clone() if y.is_inference() else y).long()
+
+
+def _check_patch(x: Tensor, patch) -> None:
     if patch is None or isinstance(patch, PatchSource):
         return
     if not isinstance(patch, Tensor):
@@ -88,8 +109,13 @@ def _explain_bad_values(x: Tensor, y: Tensor, x_adv: Tensor, num_classes: int) -
         return "x contains NaN or Inf"
     if not torch.isfinite(x_adv).all():
         return "the patch (or the patched images) contains NaN or Inf"
+    bad = y[(y < 0) | (y >= num_classes)]
+    label = int(bad[0]) if bad.numel() else int(y.max())
     lo, hi = int(y.min()), int(y.max())
-    return f"labels must be in [0, {num_classes}), got values in [{lo}, {hi}]"
+    return (
+        f"label {label} is outside the model's {num_classes} classes; labels must be class "
+        f"indices in [0, {num_classes}), got values in [{lo}, {hi}]"
+    )
 
 
 # --- state that a failed call must not change ---------------------------------------------
@@ -216,37 +242,71 @@ def _feature_sims(f_desc, partners=None, alpha=0.5, beta=1.0) -> list[Tensor]:
 
 
 class _Replay(torch.autograd.Function):
-    """Memory-bounded backward: re-run one bit-width at a time, partners detached."""
+    """Memory-bounded backward: re-run one bit-width at a time, partners detached.
+
+    The replay's tensors (the mixed batch, its labels, the detached descriptors) are
+    saved with ``ctx.save_for_backward``, so autograd owns their lifetime like any
+    node's: freed after a backward, kept by ``retain_graph=True`` (a second backward
+    replays again and gives the same gradients), and a second backward without it
+    raises PyTorch's own "backward through the graph a second time" error.
+    """
 
     @staticmethod
-    def forward(ctx, value, replay, *tensors):
+    def forward(ctx, value, replay, saved, *tensors):
         ctx.replay = replay
+        ctx.save_for_backward(*saved)
         return value.detach().clone()
 
     @staticmethod
     def backward(ctx, grad_out):
-        grads = ctx.replay.gradients(grad_out)
-        ctx.replay = None
-        return (None, None, *grads)
+        grads = ctx.replay.gradients(grad_out, ctx.saved_tensors)
+        return (None, None, None, *grads)
 
 
 class _ReplayState:
-    def __init__(
-        self, w, bits, sample, x_mixed, y, n_clean, rng, f_desc, g_desc, g_raw, tensors, x_index
-    ):
-        self.w, self.bits, self.x, self.y, self.n_clean = w, bits, x_mixed, y, n_clean
-        self.sample = sample  # the penalty_bits draw of the forward, reused here
-        self.rng, self.f_desc, self.g_desc = rng, f_desc, g_desc  # descriptors: sample only
-        self.g_raw = g_raw  # detached raw input gradients: sample only
-        self.tensors, self.x_index = tensors, x_index
+    """What the replay needs besides its saved tensors (held by the autograd node)."""
 
-    def gradients(self, grad_out: Tensor) -> list[Tensor | None]:
+    def __init__(self, w, bits, sample, n_clean, rng, params, x_index):
+        self.w, self.bits, self.n_clean = w, bits, n_clean
+        self.sample = sample  # the penalty_bits draw of the forward, reused here
+        self.rng = rng
+        self.params, self.x_index = params, x_index  # x_index: gradient slot of the batch
+        self.layout: tuple[int, ...] = ()
+
+    def pack(self, x_mixed, y, f_desc, g_desc, g_raw) -> list[Tensor | None]:
+        """Flatten the tensors to save (descriptors as their ``edges`` and ``hog``);
+        descriptors and raw gradients cover the sampled bit-widths only."""
+        self.layout = tuple(len(d) for d in f_desc)
+        flat = [x_mixed.detach(), y]
+        for d in [d for per_bit in f_desc for d in per_bit] + list(g_desc):
+            flat += [None, None] if d is None else [d.edges, d.hog]
+        return flat + list(g_raw)
+
+    def unpack(self, saved) -> tuple:
+        """Inverse of :meth:`pack`: ``(x, y, f_desc, g_desc, g_raw)``."""
+        x, y, rest = saved[0], saved[1], list(saved[2:])
+
+        def take(n: int) -> list:
+            nonlocal rest
+            out, rest = rest[:n], rest[n:]
+            return out
+
+        def desc(pair: list) -> Descriptors | None:
+            return None if pair[0] is None else Descriptors(pair[0], pair[1])
+
+        f_desc = [[desc(take(2)) for _ in range(n)] for n in self.layout]
+        g_desc = [desc(take(2)) for _ in self.sample]
+        return x, y, f_desc, g_desc, take(len(self.sample))
+
+    def gradients(self, grad_out: Tensor, saved) -> list[Tensor | None]:
         w, k = self.w, len(self.bits)
-        device = self.x.device
+        x_saved, y, f_all, g_all, raw_all = self.unpack(saved)
+        device = x_saved.device
         needs_x = self.x_index is not None or _needs_input_grad(w)
         factor = _sum_factor(w, k, len(self.sample))
-        grads: list[Tensor | None] = [None] * len(self.tensors)
-        params = [t for i, t in enumerate(self.tensors) if i != self.x_index]
+        params = self.params
+        n_slots = len(params) + (self.x_index is not None)
+        grads: list[Tensor | None] = [None] * n_slots
         snapshot = _Snapshot(w)
         outer_rng = _rng_states(device)
         w._ctx.observe = False
@@ -255,26 +315,26 @@ class _ReplayState:
                 for i, bits in enumerate(self.bits):
                     _set_rng_states(self.rng[i], device)
                     s = self.sample.index(bits) if bits in self.sample else None
-                    x_in = self.x.detach()
+                    x_in = x_saved.detach()
                     x_in.requires_grad_(needs_x if s is not None else self.x_index is not None)
                     _, ce_clean, ce_adv, f_desc, g_desc, g_raw = _run_bit(
-                        w, bits, x_in, self.y, self.n_clean, graph=True, penalties=s is not None
+                        w, bits, x_in, y, self.n_clean, graph=True, penalties=s is not None
                     )
                     loss = (ce_clean + w.lambda_adv * ce_adv) / k
                     if f_desc:
-                        mine = [f_desc if j == s else d for j, d in enumerate(self.f_desc)]
-                        for sim in _feature_sims(mine, self.f_desc, w.alpha, w.beta):
+                        mine = [f_desc if j == s else d for j, d in enumerate(f_all)]
+                        for sim in _feature_sims(mine, f_all, w.alpha, w.beta):
                             pen = _scaled(penalty(sim, w.pairs, only=s), factor)
                             loss = loss + w.lambda_fdp * pen
                     if g_desc is not None:
-                        mine = [g_desc if j == s else d for j, d in enumerate(self.g_desc)]
-                        sim = pair_similarity(mine, self.g_desc, w.alpha, w.beta)
+                        mine = [g_desc if j == s else d for j, d in enumerate(g_all)]
+                        sim = pair_similarity(mine, g_all, w.alpha, w.beta)
                         pen = _scaled(penalty(sim, w.pairs, only=s), factor)
                         loss = loss + w.lambda_gpdp * pen
                     if g_raw is not None:
                         if w.lambda_cos != 0:
-                            mine = [g_raw if j == s else d for j, d in enumerate(self.g_raw)]
-                            sim = gradient_alignment(mine, self.g_raw)
+                            mine = [g_raw if j == s else d for j, d in enumerate(raw_all)]
+                            sim = gradient_alignment(mine, raw_all)
                             pen = _scaled(penalty(sim, w.pairs, only=s), factor)
                             loss = loss + w.lambda_cos * pen
                         if w.lambda_smooth != 0:  # a mean over the sample: 1/m of it each
@@ -296,18 +356,26 @@ class _ReplayState:
 
 
 def triqdef_loss(w: TriQDefWrapper, x: Tensor, y: Tensor, patch=None) -> Tensor:
-    """See :meth:`TriQDefWrapper.loss`."""
+    """See :meth:`TriQDefWrapper.loss`.
+
+    Under ``torch.no_grad()`` the loss is computed as in training (observers, BatchNorm
+    statistics and ``loss_terms`` move; GPDP still takes its input gradients) and
+    returned without a graph, in either backward mode. Under ``torch.inference_mode()``
+    it raises [`InputError`][triqdef.errors.InputError] before anything changes.
+    """
     w._check_attached()
-    _check_inputs(w, x, y, patch)
+    _check_grad_mode()
+    x, y = _check_inputs(w, x, y, patch)
+    value_only = not torch.is_grad_enabled()
     bits = w.active_bits
     sample = _draw_penalty_bits(w, bits)
     snapshot = _Snapshot(w)
     try:
         x_mixed, y_mixed, n_clean = _mix(w, x, y, patch)
         if w.memory_bounded:
-            loss = _memory_bounded(w, bits, sample, x, x_mixed, y_mixed, n_clean)
+            loss = _memory_bounded(w, bits, sample, x, x_mixed, y_mixed, n_clean, value_only)
         else:
-            loss = _exact(w, bits, sample, x, x_mixed, y_mixed, n_clean)
+            loss = _exact(w, bits, sample, x, x_mixed, y_mixed, n_clean, value_only)
     except BaseException:
         snapshot.restore()
         raise
@@ -371,7 +439,7 @@ def _scaled(value: Tensor, factor: float | None) -> Tensor:
     return value if factor is None else value * factor
 
 
-def _exact(w, bits, sample, x, x_mixed, y_mixed, n_clean) -> Tensor:
+def _exact(w, bits, sample, x, x_mixed, y_mixed, n_clean, value_only=False) -> Tensor:
     gpdp = _needs_input_grad(w)
     x_in = x_mixed
     if gpdp and not x_in.requires_grad:
@@ -387,7 +455,7 @@ def _exact(w, bits, sample, x, x_mixed, y_mixed, n_clean) -> Tensor:
                 x_in if on else x_mixed,
                 y_mixed,
                 n_clean,
-                graph=True,
+                graph=not value_only,  # under no_grad: values, no double-backward graph
                 check=x if i == 0 else None,
                 penalties=on,
             )
@@ -396,7 +464,8 @@ def _exact(w, bits, sample, x, x_mixed, y_mixed, n_clean) -> Tensor:
                 g_desc.append(gd)
                 g_raw.append(gr)
         n_adv = x_mixed.shape[0] - n_clean
-        return _combine(w, bits, sample, ce_clean, ce_adv, f_desc, g_desc, g_raw, n_adv)
+        total = _combine(w, bits, sample, ce_clean, ce_adv, f_desc, g_desc, g_raw, n_adv)
+    return total.detach() if value_only else total
 
 
 def _combine(w, bits, sample, ce_clean, ce_adv, f_desc, g_desc, g_raw, n_adv) -> Tensor:
@@ -455,7 +524,7 @@ def _combine(w, bits, sample, ce_clean, ce_adv, f_desc, g_desc, g_raw, n_adv) ->
     return total
 
 
-def _memory_bounded(w, bits, sample, x, x_mixed, y_mixed, n_clean) -> Tensor:
+def _memory_bounded(w, bits, sample, x, x_mixed, y_mixed, n_clean, value_only=False) -> Tensor:
     device = x_mixed.device
     ce_clean, ce_adv, f_desc, g_desc, g_raw, rng = {}, {}, [], [], [], []
     for i, b in enumerate(bits):
@@ -482,12 +551,11 @@ def _memory_bounded(w, bits, sample, x, x_mixed, y_mixed, n_clean) -> Tensor:
         del logits, c, a, fd, gd, gr, x_in
     n_adv = x_mixed.shape[0] - n_clean
     value = _combine(w, bits, sample, ce_clean, ce_adv, f_desc, g_desc, g_raw, n_adv)
-    tensors = [p for p in w.parameters() if p.requires_grad]
-    x_index = None
-    if x_mixed.requires_grad:
-        x_index = len(tensors)
-        tensors.append(x_mixed)
-    replay = _ReplayState(
-        w, bits, sample, x_mixed, y_mixed, n_clean, rng, f_desc, g_desc, g_raw, tensors, x_index
-    )
-    return _Replay.apply(value, replay, *tensors)
+    if value_only:  # under no_grad: nothing will replay
+        return value
+    params = [p for p in w.parameters() if p.requires_grad]
+    tensors = params + ([x_mixed] if x_mixed.requires_grad else [])
+    x_index = len(params) if x_mixed.requires_grad else None
+    replay = _ReplayState(w, bits, sample, n_clean, rng, params, x_index)
+    saved = replay.pack(x_mixed, y_mixed, f_desc, g_desc, g_raw)
+    return _Replay.apply(value, replay, saved, *tensors)

@@ -25,7 +25,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError, InputError
-from .patching import check_locations, paste_patch
+from .patching import (
+    check_dtype,
+    check_locations,
+    is_label_dtype,
+    label_dtype_error,
+    model_dtype,
+    paste_patch,
+)
 
 __all__ = [
     "PatchAttack",
@@ -152,15 +159,22 @@ def check_device(t: Tensor, device: torch.device | None = None, what: str = "x")
         raise InputError(f"{what} is on {t.device} but the model is on {device}")
 
 
-def check_images(x, what: str = "x", device: torch.device | None = None) -> None:
+def check_images(
+    x,
+    what: str = "x",
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> None:
     """Raise :class:`InputError` unless ``x`` is a non-empty floating ``(B, C, H, W)`` in [0, 1]
-    holding data, on ``device`` when one is given (the model's)."""
+    holding data, on ``device`` and of ``dtype`` when they are given (the model's; see
+    ``triqdef.attacks.patching.check_dtype`` for the dtype rule)."""
     if not isinstance(x, Tensor) or x.ndim != 4 or not x.is_floating_point():
         got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
         raise InputError(f"{what} must be a floating (B, C, H, W) tensor, got {got}")
     if x.numel() == 0:
         raise InputError(f"{what} is empty, shape {tuple(x.shape)}")
     check_device(x, device, what)
+    check_dtype(x, dtype, what)
     lo, hi = torch.aminmax(x.detach())
     if not bool((lo >= 0) & (hi <= 1)):  # NaN fails this too
         raise InputError(
@@ -170,12 +184,13 @@ def check_images(x, what: str = "x", device: torch.device | None = None) -> None
 
 
 def check_labels(y, x: Tensor, what: str = "y") -> Tensor:
-    """Raise :class:`InputError` unless ``y`` is an integer ``(B,)`` tensor on ``x``'s device."""
-    if not isinstance(y, Tensor) or y.dtype.is_floating_point or y.dtype.is_complex:
-        got = y.dtype if isinstance(y, Tensor) else type(y).__name__
-        raise InputError(f"{what} must be an integer tensor of class indices, got {got}")
-    if y.dtype == torch.bool:
-        raise InputError(f"{what} must be an integer tensor of class indices, got torch.bool")
+    """Raise :class:`InputError` unless ``y`` is an integer ``(B,)`` tensor on ``x``'s device.
+
+    Returns:
+        ``y`` as int64 (labels of any integer width are accepted).
+    """
+    if not isinstance(y, Tensor) or not is_label_dtype(y.dtype):
+        raise label_dtype_error(what, y)
     if y.shape != (x.shape[0],):
         raise InputError(f"{what} must have shape ({x.shape[0]},), got {tuple(y.shape)}")
     if y.device != x.device:
@@ -762,7 +777,7 @@ class PatchAttack:
 
     def _check_call(self, model: nn.Module, x, y, locations) -> tuple[Tensor, Tensor]:
         param = next(model.parameters(), None)
-        check_images(x, device=None if param is None else param.device)
+        check_images(x, device=None if param is None else param.device, dtype=model_dtype(model))
         y = check_labels(y, x)
         hh, ww = x.shape[-2:]
         h, w = self._size_for((hh, ww))

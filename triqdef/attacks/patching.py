@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
@@ -45,6 +46,120 @@ def _size2(size, what: str = "patch_size") -> tuple[int, int]:
     return h, w
 
 
+# --- checks shared by the loss, the attacks and the evaluation functions ----------------------
+def is_label_dtype(dtype: torch.dtype) -> bool:
+    """Whether tensors of ``dtype`` can hold class indices: any integer dtype, not bool.
+
+    Labels of every integer width (``int64``, ``int32``, ``int16``, ``int8``, ``uint8``)
+    are accepted everywhere triqdef takes labels and used as ``int64``.
+    """
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
+def label_dtype_error(what: str, y) -> InputError:
+    """The [`InputError`][triqdef.errors.InputError] for labels that are no integer tensor."""
+    got = y.dtype if isinstance(y, Tensor) else type(y).__name__
+    hint = ""
+    if isinstance(y, Tensor) and (y.is_floating_point() or y.dtype == torch.bool):
+        hint = (
+            "; labels are class indices: convert whole-number labels with y.long(), and "
+            "one-hot or soft targets with y.argmax(1)"
+        )
+    return InputError(
+        f"{what} must be an integer tensor of class indices (int64, int32, int16, int8 or "
+        f"uint8), got {got}{hint}"
+    )
+
+
+def model_dtype(model) -> torch.dtype | None:
+    """The dtype of a model's first floating parameter (``None``: it has none)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return None
+
+
+def check_dtype(x: Tensor, dtype: torch.dtype | None, what: str = "x", prefix: str = "") -> None:
+    """Raise [`InputError`][triqdef.errors.InputError] unless the floating images ``x`` have the
+    model's parameter ``dtype``.
+
+    Triqdef never casts images behind the caller's back (a silent cast would hide a
+    float64 pipeline running at float32 or a float16 one losing its memory savings):
+    the caller converts one side. Under ``torch.autocast`` any floating dtype is
+    accepted, as autocast casts per operation. ``dtype=None`` (a model without
+    floating parameters) accepts anything. ``prefix`` starts the message (e.g.
+    ``"clean_accuracy: "``).
+    """
+    if dtype is None or x.dtype == dtype or torch.is_autocast_enabled(x.device.type):
+        return
+    raise InputError(
+        f"{prefix}{what} is {x.dtype} but the model's parameters are {dtype}; convert the "
+        f"images with {what}.to({dtype}) (or the model with model.to({x.dtype}))"
+    )
+
+
+def available_devices() -> list[str]:
+    """The devices this machine can run on: ``cpu``, then each CUDA / MPS / XPU device."""
+    out = ["cpu"]
+    if torch.cuda.is_available():
+        out += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        out.append("mps")
+    xpu = getattr(torch, "xpu", None)
+    if xpu is not None and xpu.is_available():
+        out += [f"xpu:{i}" for i in range(xpu.device_count())]
+    return out
+
+
+def resolve_device(device, what: str = "device") -> torch.device:
+    """Check a user-given ``device=`` and return it with its index filled in (``cuda:0``).
+
+    Args:
+        device: a ``torch.device``, a string such as ``"cpu"`` or ``"cuda:1"``, or a
+            CUDA device index.
+        what: how error messages name the argument.
+
+    Returns:
+        The device, as tensors created on it report it.
+
+    Raises:
+        InputError: not a device, an unknown device type, the meta device (it holds
+            no data), or a device this machine does not have (no GPU, index too
+            high); the message lists the devices that exist.
+    """
+    if isinstance(device, torch.device):
+        dev = device
+    elif isinstance(device, str) or (
+        isinstance(device, numbers.Integral) and not isinstance(device, bool)
+    ):
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, ValueError, TypeError):
+            raise InputError(
+                f"{what}={device!r} is not a device; available devices: "
+                f"{', '.join(available_devices())}"
+            ) from None
+    else:
+        raise InputError(
+            f"{what} must be a torch.device, a string such as 'cpu' or 'cuda:0', or None; "
+            f"got {type(device).__name__}"
+        )
+    if dev.type == "meta":
+        raise InputError(
+            f"{what}='meta' holds no data and cannot run an evaluation; available devices: "
+            f"{', '.join(available_devices())}"
+        )
+    try:
+        return torch.empty(0, device=dev).device  # the only test every backend answers
+    except (RuntimeError, AssertionError, ValueError, TypeError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(
+            f"{what}={str(dev)!r} is not available on this machine ({reason}); available "
+            f"devices: {', '.join(available_devices())}"
+        ) from None
+
+
 def random_locations(
     n: int,
     image_size: tuple[int, int],
@@ -63,7 +178,17 @@ def random_locations(
 
     Returns:
         ``(n, 2)`` int64 ``(row, col)`` corners.
+
+    Raises:
+        InputError: ``device`` is not a device this machine has.
     """
+    if device is not None:
+        device = resolve_device(device)
+    return _draw_locations(n, image_size, patch_size, generator, device)
+
+
+def _draw_locations(n, image_size, patch_size, generator, device) -> Tensor:
+    """:func:`random_locations` without the check of ``device`` (one triqdef already uses)."""
     (hh, ww), (h, w) = image_size, patch_size
     gen_device = generator.device if generator is not None else device
     rows = torch.randint(0, hh - h + 1, (n,), generator=generator, device=gen_device)
@@ -123,9 +248,10 @@ def apply_patch(
         mask and ``x`` only outside it.
 
     Raises:
-        InputError: bad ``x`` or ``patch``; ``locations`` that are not integer
-            ``(B, 2)`` corners keeping the patch inside the images; a ``mask`` that is
-            not on ``x``'s device or does not broadcast to ``(B, 1, H, W)``.
+        InputError: bad ``x`` or ``patch`` (an empty patch included); ``locations``
+            that are not integer ``(B, 2)`` corners keeping the patch inside the
+            images; a ``mask`` that is not on ``x``'s device or does not broadcast to
+            ``(B, 1, H, W)``.
 
     Example:
         >>> x = torch.zeros(2, 1, 4, 4)
@@ -162,6 +288,11 @@ def _apply_patch(
     if not isinstance(patch, Tensor) or patch.ndim not in (3, 4):
         shape = tuple(patch.shape) if isinstance(patch, Tensor) else type(patch).__name__
         raise InputError(f"apply_patch: patch must be (C, h, w) or (B, C, h, w), got {shape}")
+    if patch.numel() == 0:
+        raise InputError(
+            f"apply_patch: patch is empty, shape {tuple(patch.shape)}; a patch needs at least "
+            "one channel and one pixel"
+        )
     b, c, hh, ww = x.shape
     if patch.device != x.device:
         raise InputError(f"apply_patch: patch is on {patch.device} but x is on {x.device}")
@@ -202,7 +333,7 @@ def _apply_patch(
     if h > hh or w > ww:
         raise InputError(f"apply_patch: patch {(h, w)} is larger than the images {(hh, ww)}")
     if locations is None:
-        locations = random_locations(b, (hh, ww), (h, w), generator, x.device)
+        locations = _draw_locations(b, (hh, ww), (h, w), generator, x.device)
     elif check:
         try:
             locations = check_locations(locations, x, (h, w))

@@ -28,7 +28,7 @@ from .base import (
 )
 from .gap import AdversarialPatch
 from .lavan import LAVAN
-from .patching import paste_patch
+from .patching import is_label_dtype, label_dtype_error, paste_patch, resolve_device
 
 __all__ = ["PatchPool", "POOL_FORMAT", "POOL_FORMAT_VERSION"]
 
@@ -80,8 +80,10 @@ def _gather(data, needed: int) -> tuple[Tensor, Tensor]:
             raise InputError(f"each batch must be (x, y, ...), got {type(batch).__name__}")
         x, y = batch[0], batch[1]
         check_images(x)
-        if not isinstance(y, Tensor) or y.shape != (x.shape[0],):
-            raise InputError(f"labels must be a ({x.shape[0]},) tensor, got {y!r:.60}")
+        if not isinstance(y, Tensor) or not is_label_dtype(y.dtype):
+            raise label_dtype_error("labels", y)
+        if y.shape != (x.shape[0],):
+            raise InputError(f"labels must be a ({x.shape[0]},) tensor, got {tuple(y.shape)}")
         xs.append(x.detach())
         ys.append(y.detach().long().to(x.device))
         count += x.shape[0]
@@ -276,8 +278,23 @@ class PatchPool:
         idx = torch.floor(u * len(self)).long().clamp_(max=len(self) - 1).tolist()
         return [(self.patches[i], dict(self.metadata[i])) for i in idx]
 
-    def to_batch(self, device=None, dtype=torch.float32) -> dict[tuple[int, int], Tensor]:
-        """The patches stacked per size: ``{(h, w): (N_s, C, h, w)}``."""
+    def to_batch(
+        self, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+    ) -> dict[tuple[int, int], Tensor]:
+        """The patches stacked per size: ``{(h, w): (N_s, C, h, w)}``.
+
+        Args:
+            device: where the stacks go (default: where the patches are, the CPU).
+            dtype: a floating dtype.
+
+        Raises:
+            InputError: ``device`` is not a device this machine has, or ``dtype`` is not
+                a floating ``torch.dtype``.
+        """
+        if device is not None:
+            device = resolve_device(device, "to_batch: device")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise InputError(f"to_batch: dtype must be a floating torch.dtype, got {dtype!r}")
         groups: dict[tuple[int, int], list[Tensor]] = {}
         for p in self.patches:
             groups.setdefault(tuple(p.shape[-2:]), []).append(p)
