@@ -562,13 +562,21 @@ def test_bad_constructor_arguments_raise_config_error(kwargs):
         LAVAN(tiny_net(), 3, **kwargs)
 
 
-def test_progress_bar_and_repr():
+def test_progress_bar_and_repr(capsys):
     net = tiny_net()
+    x0, y0 = (
+        torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)),
+        torch.zeros(2, dtype=torch.long),
+    )
+    capsys.readouterr()
+    LAVAN(net, 3, steps=2, seed=0)(x0, y0)
+    assert capsys.readouterr().err == ""  # quiet by default
     attack = LAVAN(net, 3, steps=2, progress=True, seed=0)
-    attack(torch.rand(2, 1, 8, 8), torch.zeros(2, dtype=torch.long))
+    attack(x0, y0)
+    err = capsys.readouterr().err
+    assert "LAVAN" in err and "/2" in err, err  # tqdm's bar: its desc and "i/2" steps
     assert "LAVAN(patch_size=(3, 3)" in repr(attack)
-    x = torch.rand(2, 1, 8, 8)
-    w = warm_wrapper(tiny_net(), x)
+    w = warm_wrapper(tiny_net(), x0)
     assert "OnTheFlyPatch" in repr(OnTheFlyPatch(w, 3, bits=(32, 4)))
     with pytest.raises(ConfigError):
         OnTheFlyPatch(w, 3, bits=(5,))

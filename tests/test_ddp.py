@@ -17,7 +17,6 @@ statistics of its own shard; they agree again after the next forward.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -30,24 +29,18 @@ HERE = Path(__file__).parent
 RTOL, ATOL = 1e-10, 1e-12
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(out: Path, memory_bounded: bool) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [
         sys.executable,
         "-m",
         "torch.distributed.run",
+        # --standalone: the launcher's own rendezvous store binds port 0 (the kernel picks a
+        # free port, nothing to race for) and the workers reuse that store, so parallel
+        # runs (pytest -n) cannot collide the way "find a free port, then pass it" can
+        "--standalone",
         "--nproc_per_node",
         "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(_free_port()),
         str(HERE / "ddp_worker.py"),
         str(out),
         "1" if memory_bounded else "0",

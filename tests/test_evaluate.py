@@ -27,6 +27,8 @@ from triqdef.evaluate import (
     clean_accuracy,
     transfer_matrix,
 )
+from triqdef.functional import descriptor_cosine, gradient_cosine
+from triqdef.losses import describe
 
 BITS = (32, 8, 4)
 CLASSES = 4
@@ -110,7 +112,7 @@ def _quadrants(n: int, g: torch.Generator, contrast: float = 0.25):
     return x + contrast * square, y
 
 
-def _wrapper(seed: int = 0) -> TriQDefWrapper:
+def _wrapper(seed: int = 0, bits=BITS) -> TriQDefWrapper:
     """tiny_cnn trained for 30 steps on the quadrant task (clean accuracy ~1 at every bit)."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
@@ -123,7 +125,7 @@ def _wrapper(seed: int = 0) -> TriQDefWrapper:
         loss.backward()
         opt.step()
     opt.zero_grad(set_to_none=True)
-    w = TriQDefWrapper(net, bits=BITS, layers=["2", "5"])
+    w = TriQDefWrapper(net, bits=bits, layers=["2", "5"])
     w.calibrate([_quadrants(64, g)[0]])
     return w.eval()
 
@@ -154,6 +156,12 @@ def _assert_same_state(before: dict, module: nn.Module) -> None:
 def setup():
     w = _wrapper()
     return w, _data()
+
+
+@pytest.fixture(scope="module")
+def two_bit():
+    """The same training, wrapped at (32, 2): two bit-widths far apart."""
+    return _wrapper(bits=(32, 2)), _data()
 
 
 # ------------------------------------------------------------------------ clean accuracy
@@ -223,7 +231,15 @@ def test_clean_accuracy_errors(setup):
 
 def test_progress_bars_run(setup, capsys):
     w, data = setup
+    capsys.readouterr()
+    assert set(clean_accuracy(w, data)) == set(BITS)
+    assert capsys.readouterr().err == ""  # no bar unless asked for
     assert set(clean_accuracy(w, data, progress=True)) == set(BITS)
+    err = capsys.readouterr().err
+    assert "clean_accuracy" in err and "/2" in err, err  # tqdm's bar: desc and "i/2"
+    alignment_report(w, data, max_batches=None, progress=True)
+    err = capsys.readouterr().err
+    assert "alignment_report" in err and "/2" in err, err
 
 
 # --------------------------------------------------------------------------------- ASR
@@ -342,6 +358,38 @@ def test_transfer_matrix_matches_direct_attacks(setup, targeted):
         assert all(e == n_eligible for row in m.counts for _, e in row)
     else:  # eligible = correct when clean: the two mislabelled samples never are
         assert all(e <= 14 for row in m.counts for _, e in row)
+
+
+def test_transfer_matrix_with_lavan_as_documented(setup):
+    """docs/evaluation.md's factory, ``lambda w, b: LAVAN(w, 8, bits=b, steps=40)``, made
+    small and seeded: every cell is the direct LAVAN attack scored at the target."""
+    from triqdef.attacks import LAVAN
+
+    w, data = setup
+    data = data[:1]
+
+    def make(model, b):
+        return LAVAN(model, 6, bits=b, steps=8, step_size=0.1, seed=b)
+
+    before = _state(w)
+    m = transfer_matrix(w, make, data, seed=0)
+    _assert_same_state(before, w)
+    assert m.attack.lower() == "lavan" and m.samples == 8 and not m.targeted
+    assert m.source_bits == list(BITS) and m.target_bits == list(BITS)
+    for i, s in enumerate(BITS):
+        attack = make(w, s)
+        for x, y in data:
+            x_adv = attack(x, y)
+            assert attack.patch.shape == (8, 3, 6, 6) and attack.locations.shape == (8, 2)
+            for j, t in enumerate(BITS):
+                got = attack_success_rate(w, x, x_adv, y, bits=t)
+                assert m.counts[i][j] == tuple(got), (s, t)
+                assert m.asr[i][j] == pytest.approx(got[0] / got[1])
+    for row in m.asr:
+        assert all(isinstance(v, float) and 0.0 <= v <= 1.0 for v in row)
+    assert all(0.0 <= v <= 1.0 for v in m.noise_floor)
+    # the real attack does better than a noise patch of its size at its locations
+    assert min(m.diagonal()) > max(m.noise_floor)
 
 
 def test_transfer_matrix_noise_floor_definition(setup):
@@ -564,6 +612,39 @@ def test_alignment_report_nearly_identical_bit_widths():
         assert r.value(m, "soft_hog", (32, 31)) > 0.99
         assert r.value(m, "edge_iou", (32, 31)) > 0.9
         assert r.value(m, "soft_dice", (32, 31)) > 0.8
+
+
+def test_alignment_report_tells_bit_widths_apart(two_bit):
+    """(32, 2) values equal metrics of maps taken by hand inside ``at_bits``, and on a
+    trained model 2 bits is visibly unlike 32 bits (a report that ran every pair at one
+    bit-width would give 1)."""
+    w, data = two_bit
+    r = alignment_report(w, data, pairs=[(32, 2), (2, 2)], layers=["2"], max_batches=None)
+    cfg = w.descriptor
+    n = 0
+    hand = {m: {k: 0.0 for k in ("cosine", "soft_hog")} for m in ("input_grad", "2")}
+    for x, y in data:
+        maps = {}
+        for b in (32, 2):
+            with w.at_bits(b):
+                xi = x.clone().requires_grad_()
+                loss = F.cross_entropy(w(xi), y, reduction="sum")
+                (grad,) = torch.autograd.grad(loss, xi)
+                feat = w.features(x)["2"]
+            maps[b] = {"input_grad": grad, "2": feat.detach()}
+        for m in hand:
+            a, b = maps[32][m], maps[2][m]
+            hand[m]["cosine"] += float(gradient_cosine(a, b).sum())
+            da, db = describe(a, cfg), describe(b, cfg)
+            hand[m]["soft_hog"] += float(descriptor_cosine(da.hog, db.hog).sum())
+        n += y.shape[0]
+    assert r.samples == n == 16
+    for m in hand:
+        for k, total in hand[m].items():
+            assert r.value(m, k, (32, 2)) == pytest.approx(total / n, rel=1e-4, abs=1e-5), (m, k)
+            assert r.value(m, k, (2, 2)) == pytest.approx(1.0, abs=1e-5), (m, k)
+    assert r.value("input_grad", "cosine", (32, 2)) < 0.99
+    assert r.value("2", "cosine", (32, 2)) < 0.99
 
 
 def test_alignment_report_small_maps_and_patches(setup):

@@ -129,6 +129,25 @@ def test_alignment_is_the_absolute_per_sample_cosine():
     assert sim.shape == (3, 3)
 
 
+def test_alignment_against_partner_maps_and_in_half_precision():
+    g = torch.Generator().manual_seed(1)
+    a = [torch.rand(3, 2, 4, 5, generator=g, dtype=torch.float64) - 0.5 for _ in range(2)]
+    b = [torch.rand(3, 2, 4, 5, generator=g, dtype=torch.float64) - 0.5 for _ in range(2)]
+    sim = gradient_alignment(a, b)  # row i: a[i], column j: the partner b[j]
+    for i, j in itertools.product(range(2), repeat=2):
+        cos = F.cosine_similarity(a[i].flatten(1), b[j].flatten(1), dim=1)
+        torch.testing.assert_close(sim[i, j], cos.abs().mean())
+    assert not torch.allclose(sim, gradient_alignment(a))  # the partners are really read
+    # float16 maps are computed in float32 (the result says so), like the float32 upcast
+    half = [m.half() for m in a]
+    sim_h = gradient_alignment(half)
+    assert sim_h.dtype == torch.float32
+    torch.testing.assert_close(sim_h, gradient_alignment([m.float() for m in half]))
+    smooth = gradient_smoothness(half[0])
+    assert smooth.dtype == torch.float32
+    torch.testing.assert_close(smooth, gradient_smoothness(half[0].float()))
+
+
 def test_zero_gradients_give_zero_cosine_and_finite_gradients():
     a = torch.zeros(2, 1, 3, 3, dtype=torch.float64, requires_grad=True)
     b = torch.rand(2, 1, 3, 3, dtype=torch.float64, requires_grad=True)

@@ -193,8 +193,14 @@ def test_export_reproduces_the_wrapper(bits):
     if bits < 32:
         conv = exported[3]
         assert isinstance(conv, QuantizedInputs)
+        weight = conv.layer.weight.detach()
+        qmax = 2 ** (bits - 1) - 1  # the signed narrow grid: integer codes in [-qmax, qmax]
         for c in range(8):
-            assert len(torch.unique(conv.layer.weight[c])) <= 2**bits
+            step = weight[c].abs().max() / qmax
+            codes = weight[c] / step  # every weight exactly on its channel's grid
+            assert torch.allclose(codes, codes.round(), atol=1e-3), (bits, c)
+            assert codes.abs().max() <= qmax + 1e-3
+            assert len(torch.unique(weight[c])) <= 2 * qmax + 1
     program = torch.export.export(exported, (x,))
     torch.testing.assert_close(program.module()(x), ref, atol=1e-5, rtol=0)
 

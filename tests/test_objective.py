@@ -7,6 +7,9 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import _batch as f64_batch
+from conftest import _wrapper as f64_wrapper
+from conftest import fixed_patch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -14,8 +17,15 @@ from torch import nn
 from triqdef import TriQDefWrapper
 from triqdef import objective as objective_module
 from triqdef.attacks import RandomPatch
-from triqdef.errors import InputError, NonFiniteLossError
-from triqdef.losses import describe, pair_similarity, penalty
+from triqdef.errors import ConfigError, InputError, NonFiniteLossError
+from triqdef.functional import (
+    descriptor_cosine,
+    sobel_edges,
+    soft_binarize,
+    soft_dice,
+    soft_hog,
+)
+from triqdef.losses import DescriptorConfig, describe, pair_similarity, penalty
 
 BITS = (32, 8, 5, 4, 2)
 
@@ -52,19 +62,105 @@ def _same(a, b):
 
 
 # --- value ---------------------------------------------------------------------------------
+def _independent_similarity(da, db, alpha, beta):
+    """``alpha * SoftDice(E_a, E_b) + beta * cos(H_a, H_b)``, sample mean, from the public
+    metrics of triqdef.functional (not from pair_similarity)."""
+    ea, eb = da.edges, db.edges
+    dice = soft_dice(ea.view(ea.shape[0], 1, 1, -1), eb.view(eb.shape[0], 1, 1, -1))
+    return (alpha * dice + beta * descriptor_cosine(da.hog, db.hog)).mean()
+
+
+def test_pair_similarity_is_alpha_dice_plus_beta_cosine():
+    g = torch.Generator().manual_seed(4)
+    maps = [torch.rand(3, 2, 8, 9, generator=g, dtype=torch.float64) for _ in range(3)]
+    ds = [describe(m) for m in maps]
+    alpha, beta = 0.3, 1.7  # unequal, so swapping them changes the value
+    sim = pair_similarity(ds, alpha=alpha, beta=beta)
+    assert sim.shape == (3, 3)
+    for i, j in itertools.product(range(3), repeat=2):
+        ref = _independent_similarity(ds[i], ds[j], alpha, beta)
+        torch.testing.assert_close(sim[i, j], ref, rtol=1e-9, atol=1e-12)
+    # each weight alone: the two terms really are the dice and the cosine
+    dice_only = pair_similarity(ds, alpha=1.0, beta=0.0)
+    cos_only = pair_similarity(ds, alpha=0.0, beta=1.0)
+    torch.testing.assert_close(sim, alpha * dice_only + beta * cos_only, rtol=1e-9, atol=1e-12)
+    assert not torch.allclose(dice_only, cos_only, atol=1e-3)
+    # the documented defaults: alpha = 0.5, beta = 1.0
+    torch.testing.assert_close(pair_similarity(ds), 0.5 * dice_only + 1.0 * cos_only)
+    # a partner list: row i of `a` against column j of `b`
+    cross = pair_similarity(ds[:2], ds[1:], alpha=alpha, beta=beta)
+    ref = _independent_similarity(ds[0], ds[2], alpha, beta)
+    torch.testing.assert_close(cross[0, 1], ref, rtol=1e-9, atol=1e-12)
+
+
 def test_total_is_the_weighted_sum_of_its_terms():
-    w = _wrapper(penalty_bits=None)  # the exact objective: every pair
-    x, y = _batch()
-    total = w.loss(x, y)
+    """Every term recomputed by hand on the patched rows: taps -> describe -> similarity."""
+    w = f64_wrapper(penalty_bits=None)  # the exact objective: every pair; float64
+    x, y = f64_batch(b=6)
+    w.calibrate([x])
+    w.eval()  # frozen observers and BN statistics: the rows of a batch are independent
+    total = w.loss(x, y, patch=fixed_patch)
     t = w.loss_terms()
-    expected = t["clean"] + 1.0 * t["adv"] + 0.8 * t["fdp"] + 0.5 * t["gpdp"]
-    assert total.item() == pytest.approx(expected, rel=1e-6)
-    assert t["clean"] == pytest.approx(sum(t[f"clean/{b}"] for b in BITS) / 5, rel=1e-6)
-    assert {f"fdp/{a}-{b}" for a, b in itertools.combinations(BITS, 2)} <= t.keys()
-    # pairs="mean": the penalty is the mean of the pair similarities
-    assert t["gpdp"] == pytest.approx(
-        sum(t[f"gpdp/{a}-{b}"] for a, b in itertools.combinations(BITS, 2)) / 10, rel=1e-5
-    )
+    bits, k = w.bits, len(w.bits)
+    assert (w.lambda_adv, w.lambda_fdp, w.lambda_gpdp, w.alpha, w.beta) == (1, 0.8, 0.5, 0.5, 1)
+
+    # rho = 0.5: the first 3 rows stay clean, the last 3 are patched by the source
+    x_clean, y_clean = x[:3], y[:3]
+    x_adv, y_adv = fixed_patch(x[3:], y[3:], w), y[3:]
+    assert not torch.equal(x_adv, x[3:])
+    ce_clean, ce_adv, feat_desc, grad_desc = {}, {}, {}, {}
+    for b in bits:
+        with w.at_bits(b):
+            with torch.no_grad():
+                ce_clean[b] = F.cross_entropy(w(x_clean), y_clean)
+            feats = w.features(x_adv)
+            feat_desc[b] = {name: describe(feats[name].detach(), w.descriptor) for name in w.layers}
+            xa = x_adv.clone().requires_grad_()
+            logits = w(xa)
+            (grad,) = torch.autograd.grad(F.cross_entropy(logits, y_adv, reduction="sum"), xa)
+            ce_adv[b] = F.cross_entropy(logits.detach(), y_adv)
+            grad_desc[b] = describe(grad, w.descriptor)
+
+    def close(a, b):
+        a, b = (torch.as_tensor(v, dtype=torch.float64) for v in (a, b))
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10)
+
+    pairs = list(itertools.combinations(range(k), 2))
+    fdp = 0.0
+    for name in w.layers:
+        sims = {
+            (i, j): _independent_similarity(
+                feat_desc[bits[i]][name], feat_desc[bits[j]][name], w.alpha, w.beta
+            )
+            for i, j in pairs
+        }
+        fdp = fdp + sum(sims.values()) / len(pairs)  # pairs="mean": mean over unordered pairs
+        # the library's own pipeline gives the same value on the same descriptors
+        lib = penalty(pair_similarity([feat_desc[b][name] for b in bits], None, w.alpha, w.beta))
+        close(lib, sum(sims.values()) / len(pairs))
+    gsims = {
+        (i, j): _independent_similarity(grad_desc[bits[i]], grad_desc[bits[j]], w.alpha, w.beta)
+        for i, j in pairs
+    }
+    gpdp = sum(gsims.values()) / len(pairs)
+    clean = sum(ce_clean.values()) / k
+    adv = sum(ce_adv.values()) / k
+
+    close(t["clean"], clean)
+    close(t["adv"], adv)
+    close(t["fdp"], fdp)
+    close(t["gpdp"], gpdp)
+    for b in bits:
+        close(t[f"clean/{b}"], ce_clean[b])
+        close(t[f"adv/{b}"], ce_adv[b])
+    for i, j in pairs:
+        close(t[f"gpdp/{bits[i]}-{bits[j]}"], gsims[i, j])
+    expected = clean + 1.0 * adv + 0.8 * fdp + 0.5 * gpdp
+    close(total, expected)
+    close(t["total"], expected)
+    # the penalties are not degenerate: pairs differ, and both terms move the total
+    assert len({round(float(v), 6) for v in gsims.values()}) > 1
+    assert float(fdp) > 0 and float(gpdp) > 0
 
 
 def test_without_penalties_the_loss_is_multi_bit_cross_entropy():
@@ -196,13 +292,86 @@ def test_penalty_machinery_gradcheck():
     g = torch.Generator().manual_seed(0)
     a = torch.rand(2, 2, 6, 7, generator=g, dtype=torch.float64, requires_grad=True)
     b = torch.rand(2, 2, 6, 7, generator=g, dtype=torch.float64, requires_grad=True)
-    cfg = describe.__defaults__[0].__class__(k=5.0)
+    cfg = DescriptorConfig(k=5.0)  # a softer threshold: finite differences stay accurate
 
     def fn(a, b):
         return penalty(pair_similarity([describe(a, cfg), describe(b, cfg)]))
 
     assert torch.autograd.gradcheck(fn, (a, b))
     assert torch.autograd.gradgradcheck(fn, (a, b))
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        DescriptorConfig(),
+        DescriptorConfig(q=0.7, k=20.0, cell=2, block=2, orientations=6, eps=1e-3),
+    ],
+    ids=["default", "custom"],
+)
+def test_describe_equals_its_definition(cfg):
+    """Channel mean / per-sample RMS, then soft edges and unit-norm soft HOG of that map,
+    with every setting of ``cfg`` (eps included) passed through."""
+    g = torch.Generator().manual_seed(6)
+    t = torch.rand(3, 4, 9, 10, generator=g, dtype=torch.float64) - 0.3
+    t[1] *= 1e-2  # samples on very different scales (an input gradient vs a feature map)
+    t[2] *= 50.0
+    d = describe(t, cfg)
+    m = t.mean(dim=1, keepdim=True)
+    m = m / (m.square().mean(dim=(1, 2, 3), keepdim=True) + cfg.eps**2).sqrt()
+    edges = soft_binarize(sobel_edges(m, cfg.eps), cfg.q, cfg.k).flatten(1)
+    hog = soft_hog(m, cfg.cell, cfg.block, cfg.orientations, cfg.eps)
+    hog = hog / (hog.square().sum(dim=1, keepdim=True) + cfg.eps**2).sqrt()
+    torch.testing.assert_close(d.edges, edges, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(d.hog, hog, rtol=1e-9, atol=1e-12)
+    ones = torch.ones(3, dtype=torch.float64)
+    torch.testing.assert_close(d.hog.norm(dim=1), ones, rtol=1e-6, atol=0)
+    for i in range(3):  # per sample: no statistic is shared across the batch
+        one = describe(t[i : i + 1], cfg)
+        torch.testing.assert_close(one.edges[0], d.edges[i], rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(one.hog[0], d.hog[i], rtol=1e-9, atol=1e-12)
+    if cfg == DescriptorConfig():  # the RMS normalisation makes the scale irrelevant
+        scaled = describe(t * 1e3, cfg)
+        torch.testing.assert_close(scaled.edges, d.edges, rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(scaled.hog, d.hog, rtol=1e-6, atol=1e-8)
+    # half precision is described in float32
+    half = describe(t.half(), cfg)
+    assert half.edges.dtype == half.hog.dtype == torch.float32
+    ref = describe(t.half().float(), cfg)
+    torch.testing.assert_close(half.edges, ref.edges)
+    torch.testing.assert_close(half.hog, ref.hog)
+
+
+def test_penalty_is_computed_on_the_similarity_device():
+    """The meta device stands in for an accelerator: a pair mask made on the CPU would not
+    combine with a similarity matrix that lives elsewhere."""
+    sim = torch.zeros(3, 3, device="meta")
+    for kwargs in ({}, {"pairs": "sum"}, {"only": 1}):
+        assert penalty(sim, **kwargs).device.type == "meta", kwargs
+
+
+def test_describe_views_tokens_vectors_and_volumes_as_maps():
+    """``(B, N, D)`` -> ``(B, 1, N, D)``, ``(B, D)`` -> ``(B, 1, 1, D)``, and
+    ``(B, C, D, H, W)`` -> ``(B, C * D, H, W)``; other ranks are refused."""
+    g = torch.Generator().manual_seed(5)
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=g, dtype=torch.float64)
+
+    tokens, vectors, volume = rand(2, 6, 10), rand(2, 12), rand(2, 3, 2, 8, 8)
+    cases = [
+        (tokens, tokens.reshape(2, 1, 6, 10), 60),
+        (vectors, vectors.reshape(2, 1, 1, 12), 12),
+        (volume, volume.reshape(2, 6, 8, 8), 64),
+    ]
+    for t, as_map, n in cases:
+        got, ref = describe(t), describe(as_map)
+        assert got.edges.shape == (2, n), t.shape
+        torch.testing.assert_close(got.edges, ref.edges, rtol=0, atol=0)
+        torch.testing.assert_close(got.hog, ref.hog, rtol=0, atol=0)
+    for bad in (rand(5), rand(1, 1, 1, 1, 1, 1)):
+        with pytest.raises(ConfigError, match="2 to 5 dims"):
+            describe(bad)
 
 
 def test_only_row_gradients_sum_to_the_full_gradient():

@@ -103,10 +103,29 @@ def test_weight_grid_has_at_most_2_pow_b_levels_per_channel(bits, scale, seed):
 
 
 def test_two_bit_weights_are_ternary():
-    w = torch.randn(4, 16)
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(4, 16, generator=g)
     q = fake_quantize_weight(w, 2)
     for c in range(4):
-        assert set((q[c] / w[c].abs().max()).round().tolist()) <= {-1.0, 0.0, 1.0}
+        amax = w[c].abs().max()
+        tol = 1e-6 * float(amax)
+        mag = q[c].abs()
+        # every value sits exactly on {-amax, 0, amax}: the narrow signed 2-bit grid
+        assert torch.minimum(mag, (mag - amax).abs()).max() <= tol, q[c]
+        assert (mag <= tol).any() and (mag >= amax - tol).any()  # both levels are used
+        # round to nearest: |w| above amax / 2 keeps its sign at full magnitude, else 0
+        expected = torch.where(w[c].abs() > amax / 2, w[c].sign() * amax, torch.zeros(()))
+        torch.testing.assert_close(q[c], expected, rtol=0, atol=tol)
+
+
+def _assert_on_weight_grid(weight: torch.Tensor, bits: int) -> None:
+    """Channel ``c`` is ``k * max|w_c| / qmax`` with integer ``|k| <= qmax``, every entry."""
+    qmax = quant_range(bits, signed=True)[1]
+    for c in range(weight.shape[0]):
+        step = weight[c].abs().max() / qmax
+        codes = weight[c] / step
+        assert torch.allclose(codes, codes.round(), atol=1e-3), (bits, c)
+        assert codes.abs().max() <= qmax + 1e-3, (bits, c)
 
 
 def test_layer_sees_quantized_weights_and_inputs_with_few_levels():
@@ -129,10 +148,14 @@ def test_layer_sees_quantized_weights_and_inputs_with_few_levels():
             w(x)
         assert seen.keys() == {"0", "3", "8"}
         for name, (inp, weight) in seen.items():
-            levels = 2 ** max(b, 8) if name == "0" else 2**b  # the raw input: input_bits=8
-            assert len(torch.unique(inp)) <= levels, (name, b)
+            grid = max(b, 8) if name == "0" else b  # the raw input: input_bits=8
+            assert len(torch.unique(inp)) <= 2**grid, (name, b)
+            scale, _ = w.quantizers[name].scale(w._ctx.qbits.index(b), grid)
+            codes = inp / scale  # every row of the layer's input lies on its grid
+            assert torch.allclose(codes, codes.round(), atol=1e-3), (name, b)
             for c in range(weight.shape[0]):
                 assert len(torch.unique(weight[c])) <= 2**b, (name, b, c)
+            _assert_on_weight_grid(weight, b)
         assert not torch.equal(seen["3"][1], net[3].weight.detach())  # quantized copy seen
     for h in handles:
         h.remove()
@@ -150,9 +173,28 @@ def test_unsigned_grid_for_non_negative_inputs_signed_otherwise():
     i = 0
     assert w.quantizers["0"].scale(i)[1] is True  # signed input
     assert w.quantizers["2"].scale(i)[1] is False  # post-ReLU input
-    x = torch.rand(64, 4)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(64, 4, generator=g) * 1.2  # some values beyond the top of the grid
     q = fake_quantize_activation(x, torch.tensor(1 / 3), 2, signed=False)
-    assert set((q * 3).round().tolist()[0]) <= {0.0, 1.0, 2.0, 3.0}
+    codes = q * 3  # every row, not only the first: each value is a whole code in [0, 3]
+    assert torch.allclose(codes, codes.round(), atol=1e-5)
+    assert set(codes.round().unique().tolist()) == {0.0, 1.0, 2.0, 3.0}  # all 2^2 levels used
+    assert len(torch.unique(q)) <= 2**2
+    torch.testing.assert_close(q, (x * 3).round().clamp(0, 3) / 3, rtol=0, atol=1e-6)
+    # the signed 2-bit grid is the narrow {-1, 0, 1} (times the scale)
+    qs = fake_quantize_activation(x - 0.6, torch.tensor(0.25), 2, signed=True)
+    assert set((qs * 4).round().unique().tolist()) == {-1.0, 0.0, 1.0}
+    assert torch.allclose(qs * 4, (qs * 4).round(), atol=1e-5)
+    # the wrapper's own hook puts every row of layer "2"'s (post-ReLU) input on that grid
+    seen = []
+    net[2].register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()))
+    with w.at_bits(2):
+        w(torch.randn(16, 4, generator=g))
+    scale = w.quantizers["2"].scale(i)[0]
+    codes = seen[-1] / scale
+    assert torch.allclose(codes, codes.round(), atol=1e-4)
+    assert codes.min() >= -1e-4 and codes.max() <= 3 + 1e-4
+    assert len(torch.unique(seen[-1])) <= 2**2
 
 
 @settings(deadline=None, max_examples=30)
