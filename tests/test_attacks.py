@@ -30,7 +30,7 @@ from triqdef.attacks import (
     resolve_region,
     warp_patch,
 )
-from triqdef.attacks.base import region_bounds
+from triqdef.attacks.regions import region_bounds
 from triqdef.errors import CheckpointError, ConfigError, InputError
 from triqdef.models import SmallCNN
 
@@ -183,7 +183,7 @@ def test_warp_identity_matches_apply_patch_and_rotation_convention():
 def test_warp_gradient_is_the_exact_adjoint_of_grid_sample(shared):
     from kornia.geometry.transform import get_rotation_matrix2d
 
-    from triqdef.attacks.base import _warp_forward, sample_eot
+    from triqdef.attacks.warp import _warp_forward, sample_eot
 
     g = torch.Generator().manual_seed(0)
     n, (hh, ww), (h, w) = 24, (13, 17), (4, 6)

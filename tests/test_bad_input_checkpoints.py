@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import triqdef
+import triqdef._safetensors
 from triqdef import BACTSchedule, TriQDefWrapper
 from triqdef.errors import (
     CheckpointError,
@@ -178,7 +179,7 @@ def test_unwritable_directory_is_a_checkpoint_file_error(tmp_path, monkeypatch, 
     w = trained()
     snap = snapshot(w)
     target = tmp_path / "w.safetensors"
-    monkeypatch.setattr(triqdef.io.tempfile, "mkstemp", _fail_mkstemp(code))
+    monkeypatch.setattr(triqdef._safetensors.tempfile, "mkstemp", _fail_mkstemp(code))
     with pytest.raises(CheckpointFileError) as info:
         triqdef.save(w, target)
     assert isinstance(info.value, OSError) and info.value.errno == code
@@ -205,7 +206,7 @@ def test_failure_after_the_temporary_file_exists_leaves_nothing(tmp_path, monkey
         return real_replace(src, dst)
 
     if stage == "write":
-        monkeypatch.setattr(triqdef.io, "save_file", save_file_ro)
+        monkeypatch.setattr(triqdef._safetensors, "save_file", save_file_ro)
     else:
         monkeypatch.setattr(triqdef.io.os, "replace", replace_fails)
     with pytest.raises(CheckpointFileError) as info:

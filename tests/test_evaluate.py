@@ -221,7 +221,7 @@ def test_clean_accuracy_errors(setup):
         clean_accuracy(w, iter(()))
     with pytest.raises(ConfigError, match="not one of this wrapper's bits"):
         clean_accuracy(w, data, bits=[5])
-    with pytest.raises(InputError, match="32 bits only"):
+    with pytest.raises(ConfigError, match="32 bits only"):
         clean_accuracy(ChannelMeans(), data, bits=[8])
     with pytest.raises(InputError, match="channels"):
         clean_accuracy(w, data, mean=[0.5, 0.5])
@@ -462,7 +462,7 @@ def test_transfer_matrix_per_bit_models(setup):
     assert [row[1][1] for row in m.counts] == [n_zero, n_zero] != [row[0][1] for row in m.counts]
     with pytest.raises(ConfigError, match="has no model"):
         transfer_matrix(models, _factory(), data, source_bits=[8])
-    with pytest.raises(InputError, match="32 bits only"):  # a plain model has no 2-bit view
+    with pytest.raises(ConfigError, match="32 bits only"):  # a plain model has no 2-bit view
         transfer_matrix({2: tiny_cnn(num_classes=CLASSES)}, _factory(), data)
     with pytest.raises(InputError, match="empty"):
         transfer_matrix({}, _factory(), data)
@@ -725,7 +725,7 @@ def test_alignment_report_pairs_validation():
     assert r.value("0", "cosine", (32, 32)) == pytest.approx(1.0)
     with pytest.raises(InputError, match="pairs"):
         alignment_report(plain, data, pairs=[(32, 32, 32)])
-    with pytest.raises(InputError, match="32 bits only"):
+    with pytest.raises(ConfigError, match="32 bits only"):
         alignment_report(plain, data, pairs=[(32, 8)])
 
 

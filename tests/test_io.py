@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import triqdef
+import triqdef._safetensors
 from triqdef import TriQDefWrapper
 from triqdef.errors import CheckpointError, ConfigError, NotCalibratedError
 from triqdef.export import QuantizedInputs
@@ -167,7 +168,7 @@ def test_interrupted_save_leaves_the_old_file(tmp_path, monkeypatch):
             f.write(b"half")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(triqdef.io, "save_file", crash)
+    monkeypatch.setattr(triqdef._safetensors, "save_file", crash)
     with pytest.raises(KeyboardInterrupt):
         triqdef.save(w, path)
     assert path.read_bytes() == good

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import triqdef
+import triqdef._safetensors
 from triqdef import BACTSchedule, TriQDefWrapper
 from triqdef.models import SmallCNN
 
@@ -142,7 +143,7 @@ def test_interrupted_save_quantized_leaves_the_old_file(tmp_path, monkeypatch):
             f.write(b"\x00" * 100)  # half a file
         raise OSError("disk full")
 
-    monkeypatch.setattr(triqdef.io, "save_file", crash)
+    monkeypatch.setattr(triqdef._safetensors, "save_file", crash)
     with pytest.raises(OSError, match="disk full"):
         triqdef.save_quantized(w, path, bits=4)
     assert path.read_bytes() == good
@@ -151,7 +152,7 @@ def test_interrupted_save_quantized_leaves_the_old_file(tmp_path, monkeypatch):
     ckpt = tmp_path / "w.safetensors"
     monkeypatch.undo()
     triqdef.save(w, ckpt)
-    monkeypatch.setattr(triqdef.io, "save_file", crash)
+    monkeypatch.setattr(triqdef._safetensors, "save_file", crash)
     with pytest.raises(OSError):
         triqdef.save(w, ckpt)
     monkeypatch.undo()

@@ -10,7 +10,15 @@ Public surface::
     functional, losses        perceptual metrics and the cross-bit penalties
     attacks                   patch placement and patch sources
     models, data              reference models, offline datasets
+
+The submodules ``attacks``, ``baselines``, ``data``, ``evaluate``, ``functional``,
+``losses`` and ``models`` are imported on first access (``triqdef.models``).
 """
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
 
 from . import errors
 from .errors import TriQDefError
@@ -31,3 +39,16 @@ __all__ = [
     "save_quantized",
     "__version__",
 ]
+
+_LAZY = ("attacks", "baselines", "data", "evaluate", "functional", "losses", "models")
+
+
+def __getattr__(name: str) -> ModuleType:
+    """Import the submodules in ``_LAZY`` on first access (PEP 562)."""
+    if name in _LAZY:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

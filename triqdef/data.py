@@ -30,17 +30,17 @@ __all__ = [
     "iterate_minibatches",
 ]
 
-#: Names accepted by :func:`load_dataset`.
 DATASET_NAMES: tuple[str, ...] = ("auto", "fashion-mnist", "digits")
+"""Names accepted by [`load_dataset`][triqdef.data.load_dataset]."""
 
-#: IDX file names of Fashion-MNIST, keyed by split, as ``(images, labels)``.
 FASHION_MNIST_FILES: dict[str, tuple[str, str]] = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
+"""IDX file names of Fashion-MNIST, keyed by split, as ``(images, labels)``."""
 
-#: Where Debian's ``fashion-mnist`` package installs the IDX files.
 DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+"""Where Debian's ``fashion-mnist`` package installs the IDX files."""
 
 # IDX type code (third magic byte) -> big-endian numpy dtype.
 _IDX_DTYPES: dict[int, np.dtype] = {
@@ -121,8 +121,10 @@ def find_fashion_mnist(root: str | Path | None = None, train: bool = True) -> Pa
     """Find the directory holding the Fashion-MNIST IDX files of one split.
 
     Searched in order: ``root``, ``root/FashionMNIST/raw`` (torchvision's
-    layout), then :data:`DEBIAN_FASHION_MNIST_DIR`. A directory matches when
-    both the image and the label file of the split are in it.
+    layout), then
+    [`DEBIAN_FASHION_MNIST_DIR`][triqdef.data.DEBIAN_FASHION_MNIST_DIR]. A
+    directory matches when both the image and the label file of the split are
+    in it.
 
     Args:
         root: Optional directory to search first.
@@ -141,7 +143,7 @@ def find_fashion_mnist(root: str | Path | None = None, train: bool = True) -> Pa
 def load_fashion_mnist(root: str | Path | None = None, train: bool = True) -> tuple[Tensor, Tensor]:
     """Load Fashion-MNIST from local IDX gzip files (no download).
 
-    See :func:`find_fashion_mnist` for the directories searched.
+    See [`find_fashion_mnist`][triqdef.data.find_fashion_mnist] for the directories searched.
 
     Args:
         root: Optional directory to search first; both ``root`` itself and
@@ -249,9 +251,9 @@ def load_dataset(
     """Load a dataset by name, falling back to what is available offline.
 
     Args:
-        name: One of :data:`DATASET_NAMES`: ``"fashion-mnist"``, ``"digits"``
-            or ``"auto"`` (Fashion-MNIST when its files are found, else
-            digits). Case and ``_`` versus ``-`` do not matter.
+        name: One of [`DATASET_NAMES`][triqdef.data.DATASET_NAMES]:
+            ``"fashion-mnist"``, ``"digits"`` or ``"auto"`` (Fashion-MNIST
+            when its files are found, else digits). Case and ``_`` versus ``-`` do not matter.
         train: Load the training split if true, else the test split.
         root: Directory searched first for the Fashion-MNIST files.
         size: Side of the returned images; Fashion-MNIST is resized with
@@ -294,7 +296,7 @@ def iterate_minibatches(
         batch_size: Samples per batch; the last batch may be smaller unless
             ``drop_last`` is set.
         shuffle: Visit the samples in a random order (from ``generator``).
-        generator: Optional CPU :class:`torch.Generator` for reproducible order.
+        generator: Optional CPU `torch.Generator` for reproducible order.
         drop_last: Skip a final batch smaller than ``batch_size``.
 
     Yields:

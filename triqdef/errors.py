@@ -1,9 +1,10 @@
 """One error family for triqdef.
 
-Every error triqdef raises on purpose derives from :class:`TriQDefError`, and
-also from the builtin a caller would naturally catch (``ValueError``,
-``KeyError``, ``TypeError``, ``RuntimeError``), so ``except ValueError`` keeps
-working in code that does not know about triqdef.
+Every error triqdef raises on purpose derives from
+[`TriQDefError`][triqdef.errors.TriQDefError], and also from the builtin a caller
+would naturally catch (``ValueError``, ``KeyError``, ``TypeError``,
+``RuntimeError``), so ``except ValueError`` keeps working in code that does not
+know about triqdef.
 """
 
 from __future__ import annotations

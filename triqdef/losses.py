@@ -34,6 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from einops import rearrange, reduce
 from torch import Tensor
 
 from .errors import ConfigError
@@ -98,11 +99,11 @@ def _as_map(t: Tensor) -> Tensor:
     if t.ndim == 4:
         return t
     if t.ndim == 3:
-        return t.unsqueeze(1)
+        return rearrange(t, "b n d -> b 1 n d")
     if t.ndim == 2:
-        return t.view(t.shape[0], 1, 1, t.shape[1])
-    if t.ndim == 5:  # (B, C, D, H, W) volumes: depth folded into channels
-        return t.flatten(1, 2)
+        return rearrange(t, "b d -> b 1 1 d")
+    if t.ndim == 5:  # volumes: depth folded into channels
+        return rearrange(t, "b c d h w -> b (c d) h w")
     raise ConfigError(f"cannot describe a map of shape {tuple(t.shape)}: need 2 to 5 dims")
 
 
@@ -115,7 +116,8 @@ def describe(t: Tensor, cfg: DescriptorConfig = DescriptorConfig()) -> Descripto
         cfg: descriptor settings.
 
     Returns:
-        :class:`Descriptors` with ``edges (B, H*W)`` and ``hog (B, D)``.
+        [`Descriptors`][triqdef.losses.Descriptors] with ``edges (B, H*W)`` and
+        ``hog (B, D)``.
     """
     m = _as_map(t)
     m = m.float() if m.dtype in (torch.float16, torch.bfloat16) else m
@@ -147,7 +149,8 @@ def pair_similarity(
     ea, eb = torch.stack([d.edges for d in a]), torch.stack([d.edges for d in b])  # (K, B, N)
     ha, hb = torch.stack([d.hog for d in a]), torch.stack([d.hog for d in b])  # (K, B, D)
     inter = torch.einsum("ibn,jbn->bij", ea, eb)
-    total = ea.sum(dim=2).T.unsqueeze(2) + eb.sum(dim=2).T.unsqueeze(1)  # (B, K, K)
+    # total[b, i, j] = sum(E_i[b]) + sum(E_j[b])
+    total = reduce(ea, "i b n -> b i 1", "sum") + reduce(eb, "j b n -> b 1 j", "sum")
     dice = 2 * inter / (total + 1e-6)
     cos = torch.einsum("ibd,jbd->bij", ha, hb)
     return (alpha * dice + beta * cos).mean(dim=0)
@@ -207,7 +210,8 @@ def penalty(sim: Tensor, pairs: str = "mean", only: int | None = None) -> Tensor
     """Reduce a ``(K, K)`` similarity matrix over pairs of distinct bit-widths.
 
     Args:
-        sim: output of :func:`pair_similarity`.
+        sim: output of [`pair_similarity`][triqdef.losses.pair_similarity] or
+            [`gradient_alignment`][triqdef.losses.gradient_alignment].
         pairs: ``"mean"`` over unordered pairs or ``"sum"`` over ordered pairs.
         only: with partner descriptors detached, the row of bit-width ``only``
             scaled so that summing this over all ``only`` gives the gradient of

@@ -1,10 +1,10 @@
 """Small reference models for experiments and tests.
 
-Every model here is an ordinary :class:`torch.nn.Module` built only from module
+Every model here is an ordinary `torch.nn.Module` built only from module
 classes defined at import time (no lambdas or closures), so instances can be
 pickled, deep-copied and saved with ``torch.save``. Submodules carry stable,
 readable names (``conv1``, ``layer1`` ... ``layer3``, ``fc`` for the ResNets;
-``block1`` ... ``block3``, ``head`` for :class:`SmallCNN`) so that callers can
+``block1`` ... ``block3``, ``head`` for [`SmallCNN`][triqdef.models.SmallCNN]) so that callers can
 tap them by name from ``model.named_modules()``.
 """
 
@@ -88,7 +88,7 @@ class BasicBlock(nn.Module):
     """Two 3x3 conv-BN layers with a residual connection (CIFAR ResNet block).
 
     When the stride is not 1 or the channel count changes, the shortcut is a
-    :class:`ZeroPadShortcut`; otherwise it is the identity.
+    [`ZeroPadShortcut`][triqdef.models.ZeroPadShortcut]; otherwise it is the identity.
 
     Args:
         in_channels: Channels of the input.
@@ -138,7 +138,7 @@ class CifarResNet(nn.Module):
     """CIFAR-style ResNet of He et al. (2016), "Deep Residual Learning", Sec. 4.2.
 
     A 3x3 stem convolution with 16 channels, then three stages of ``n``
-    :class:`BasicBlock` s with 16, 32 and 64 channels (the first block of
+    [`BasicBlock`][triqdef.models.BasicBlock]s with 16, 32 and 64 channels (the first block of
     stages 2 and 3 has stride 2 and a parameter-free zero-padding shortcut),
     global average pooling and a linear classifier. The depth is ``6n + 2``:
     20 gives ResNet-20 (~0.27M parameters), 56 gives ResNet-56 (~0.85M).
@@ -216,7 +216,7 @@ def resnet20(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
         in_channels: Channels of the input images.
 
     Returns:
-        A freshly initialised :class:`CifarResNet` of depth 20.
+        A freshly initialised [`CifarResNet`][triqdef.models.CifarResNet] of depth 20.
 
     Shape:
         - Input: (B, in_channels, H, W), e.g. (B, 3, 32, 32).
@@ -233,7 +233,7 @@ def resnet56(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
         in_channels: Channels of the input images.
 
     Returns:
-        A freshly initialised :class:`CifarResNet` of depth 56.
+        A freshly initialised [`CifarResNet`][triqdef.models.CifarResNet] of depth 56.
 
     Shape:
         - Input: (B, in_channels, H, W), e.g. (B, 3, 32, 32).

@@ -1,7 +1,8 @@
-"""Fake quantizers, observers and per-bit state.
+"""Fake quantizers, observers, per-bit state, and which layers of a model get them.
 
-Everything that decides *how* a tensor is quantized lives here; the wrapper
-only decides *when* (which bit-width is active) and *where* (which layers).
+Everything that decides *how* a tensor is quantized lives here, and which layers
+are quantized (`_quant_points`); the wrapper only decides *when* (which
+bit-width is active).
 
 Grids (zero-point fixed at 0 everywhere):
 
@@ -33,11 +34,14 @@ NaN or +-Inf leaves it as it was (see
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any, Protocol, cast
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ._bnstats import BatchNormStats, CleanRowsBatchNorm
 from .errors import ConfigError, NotCalibratedError
 
 __all__ = [
@@ -127,7 +131,7 @@ def fake_quantize_activation(
         x: any shape.
         scale: 0-dim or ``(1,)`` scale.
         bits: bit-width.
-        signed: which grid (see :func:`quant_range`).
+        signed: which grid (see [`quant_range`][triqdef.quant.quant_range]).
 
     Returns:
         Tensor like ``x`` with at most ``2^bits`` distinct finite values; an entry
@@ -208,7 +212,7 @@ class BitContext:
         return {"qbits": self.qbits, "index": self.index, "input_bits": self.input_bits}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["qbits"], state.get("input_bits"))
+        BitContext.__init__(self, state["qbits"], state.get("input_bits"))
         self.index = state["index"]
 
     def record_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -257,13 +261,17 @@ class LayerQuantizer(nn.Module):
     ``max(bits, input_bits)`` bits (not at all at 32), with the same observer row.
 
     Args:
-        ctx: the wrapper's :class:`BitContext`.
+        ctx: the wrapper's `BitContext`.
         weights: ``(submodule path, parameter name)`` pairs quantized per output
             channel when the layer runs (``("", "weight")`` for Conv/Linear).
         num_inputs: how many leading positional inputs are activation-quantized.
         momentum: weight of the new batch in the moving average.
         device: where the buffers live (the layer's device).
     """
+
+    act_min: torch.Tensor
+    act_max: torch.Tensor
+    act_kind: torch.Tensor
 
     def __init__(
         self,
@@ -403,21 +411,24 @@ class LayerQuantizer(nn.Module):
         if index is None:
             return None
         bits = self._ctx.qbits[index]
-        args = list(args)
-        grid = self._input_grid(args, bits)
+        inputs = list(args)
+        grid = self._input_grid(inputs, bits)
         done: dict[int, torch.Tensor] = {}  # keeps `key is query` identity for attention
-        for i in range(min(self.num_inputs, len(args))):
-            x = args[i]
+        for i in range(min(self.num_inputs, len(inputs))):
+            x = inputs[i]
             if isinstance(x, torch.Tensor) and x.is_floating_point():
                 if id(x) not in done:
                     done[id(x)] = self.quantize_input(x, index, module.training, grid)
-                args[i] = done[id(x)]
+                inputs[i] = done[id(x)]
         swapped: list[tuple[dict, str, torch.Tensor]] = []
         self._stash.append(swapped)
         for path, name in self.weights:
             owner = module.get_submodule(path) if path else module
+            # the parameter dict or the instance dict; `weight_access` checked that the entry
+            # is a tensor either way (a parameter is never None here)
+            where: dict[str, Any]
             if name in owner._parameters:
-                where = owner._parameters
+                where = cast("dict[str, Any]", owner._parameters)
             elif name in owner.__dict__:  # recomputed by an old-style weight_norm pre-hook
                 where = owner.__dict__
             else:  # torch.nn.utils.parametrize: quantized by `weight_hook`
@@ -425,7 +436,7 @@ class LayerQuantizer(nn.Module):
             w = where[name]
             swapped.append((where, name, w))
             where[name] = fake_quantize_weight(w, bits)
-        return tuple(args), kwargs
+        return tuple(inputs), kwargs
 
     def post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output):
         """Forward hook (always called): put the shared weights back."""
@@ -448,136 +459,87 @@ class LayerQuantizer(nn.Module):
         return fake_quantize_weight(output, self._ctx.qbits[index])
 
 
-class BatchNormStats(nn.Module):
-    """Per-bit running statistics of one BatchNorm layer.
-
-    The BatchNorm module's own buffers keep serving 32 bits, so the bare model
-    is untouched; for each lower bit-width this module holds a copy (row ``i``
-    for bit-width number ``i``) that is swapped in for the duration of the
-    layer's forward and updated in place by BatchNorm itself. The affine
-    parameters stay shared.
-
-    The rows follow the dtype of the layer's own statistics: after
-    ``wrapper.model.double()`` (or ``.half()``), which casts the model but not the
-    wrapper's buffers, the first forward below 32 bits casts the rows to the new
-    dtype, as ``wrapper.double()`` would have.
-
-    Args:
-        ctx: the wrapper's :class:`BitContext`.
-        bn: the BatchNorm layer; its current statistics initialize every row.
-    """
-
-    _names = ("running_mean", "running_var", "num_batches_tracked")
-
-    def __init__(self, ctx: BitContext, bn: nn.modules.batchnorm._BatchNorm) -> None:
-        super().__init__()
-        k = len(ctx.qbits)
-        for name in self._names:
-            value = bn._buffers[name].detach()
-            self.register_buffer(name, value.unsqueeze(0).repeat(k, *([1] * value.ndim)))
-        self._ctx = ctx
-        self._stash: list[list[torch.Tensor]] = []
-
-    def reset(self, index: int) -> None:
-        """Reset the statistics of bit-width number ``index`` to BatchNorm's initial values."""
-        with torch.no_grad():
-            self.running_mean[index] = 0
-            self.running_var[index] = 1
-            self.num_batches_tracked[index] = 0
-
-    def pre_hook(self, module: nn.Module, args: tuple) -> None:
-        """Forward pre-hook: swap in the active bit-width's statistics."""
-        index = self._ctx.index
-        if index is None:
-            return None
-        dtype = module._buffers["running_mean"].dtype
-        if self.running_mean.dtype != dtype:  # the model alone was cast: follow it
-            with torch.no_grad():
-                self.running_mean = self.running_mean.to(dtype)
-                self.running_var = self.running_var.to(dtype)
-        self._stash.append([module._buffers[n] for n in self._names])
-        for name in self._names:
-            module._buffers[name] = getattr(self, name)[index]
-        return None
-
-    def post_hook(self, module: nn.Module, args: tuple, output):
-        """Forward hook (always called): put the 32-bit statistics back."""
-        if self._stash:
-            for name, value in zip(self._names, self._stash.pop()):
-                module._buffers[name] = value
-        return None
+# --- which layers are quantized ------------------------------------------------------------
+_QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
-class CleanRowsBatchNorm:
-    """Hooks that update BatchNorm running statistics from the clean rows only.
+def _key(name: str) -> str:
+    """Module-dict key for a layer name (dots are not allowed in module names)."""
+    return name.replace(".", "/") if name else "<root>"
 
-    While the objective runs a mixed batch ``[clean rows; patched rows]``
-    (``BitContext.rows = (n_clean, n_total)``) and the layer is in training mode,
-    the pre-hook turns BatchNorm's own running-statistics update off for that call
-    (the layer still normalises with the whole batch's statistics) and the forward
-    hook applies the update BatchNorm would have made from the first ``n_clean``
-    rows alone: to whichever statistics are in the layer at that moment (the
-    active bit-width's rows, or the model's own at 32 bits), with BatchNorm's
-    momentum or, for ``momentum=None``, its cumulative average. Nothing moves while
-    observers are frozen (``BitContext.observe=False``: a memory-bounded replay),
-    nor when fewer than two clean values per channel exist. Outside the objective
-    (``rows is None``) the hooks do nothing.
 
-    Register the forward hook before any hook that swaps statistics back
-    ([`BatchNormStats`][triqdef.quant.BatchNormStats]), so that the update lands in the active ones.
+def _weight_owner(layer: nn.Module, path: str) -> nn.Module:
+    """The submodule at ``path`` inside ``layer`` that holds a quantized weight."""
+    return layer.get_submodule(path) if path else layer
 
-    Args:
-        ctx: the wrapper's ``BitContext``.
-    """
 
-    def __init__(self, ctx: BitContext) -> None:
-        self._ctx = ctx
-        self._held: dict[int, torch.Tensor] = {}
+def _device_of(module: nn.Module) -> torch.device | None:
+    """The device of a module's first parameter (its buffers follow it)."""
+    p = next(module.parameters(), None)
+    return None if p is None else p.device
 
-    def __getstate__(self) -> dict:
-        return {"ctx": self._ctx}
 
-    def __setstate__(self, state: dict) -> None:
-        self.__init__(state["ctx"])
+def _quant_points(model: nn.Module, exclude: tuple[str, ...]) -> dict[str, tuple]:
+    """Map layer name -> (weights, num_inputs) for every layer to quantize."""
 
-    def pre_hook(self, name: str, module: nn.Module, args: tuple) -> None:
-        """Forward pre-hook: hold the input and switch BatchNorm's own update off."""
-        rows = self._ctx.rows
-        if rows is None or not module.training or not module.track_running_stats:
-            return None
-        n_clean, n_total = rows
-        x = args[0] if args else None
-        if not isinstance(x, torch.Tensor) or x.ndim < 2 or x.shape[0] != n_total:
-            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ConfigError(
-                f"bn_rows='clean': BatchNorm layer {name!r} got an input of shape {got}, "
-                f"but the batch has {n_total} rows; it needs inputs whose first dimension "
-                "is the batch (use bn_rows='all' for this model)"
+    def excluded(name: str) -> bool:
+        return any(name == e or name.startswith(e + ".") or e == "" for e in exclude)
+
+    points: dict[str, tuple] = {}
+    owned: set[str] = set()  # out_proj of attention is evaluated by its parent, not called
+    for name, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention):
+            prefix = f"{name}." if name else ""
+            owned.add(prefix + "out_proj")
+            if excluded(name):
+                continue
+            inp = (
+                (("", "in_proj_weight"),)
+                if module._qkv_same_embed_dim
+                else tuple(("", f"{c}_proj_weight") for c in "qkv")
             )
-        if n_clean >= n_total:  # nothing patched: BatchNorm's own update is the clean one
-            return None
-        module.track_running_stats = False
-        self._held[id(module)] = x
-        return None
+            points[name] = (inp + (("out_proj", "weight"),), 3)
+        elif isinstance(module, _QUANTIZABLE) and name not in owned and not excluded(name):
+            points[name] = ((("", "weight"),), 1)
+    return points
 
-    def post_hook(self, name: str, module: nn.Module, args: tuple, output) -> None:
-        """Forward hook (always called): switch the update back on, apply the clean one."""
-        x = self._held.pop(id(module), None)
-        if x is None:
-            return None
-        module.track_running_stats = True
-        rows = self._ctx.rows
-        if output is None or rows is None or not self._ctx.observe:
-            return None
-        clean = x[: rows[0]].detach()
-        if clean.numel() < 2 * clean.shape[1]:  # no variance from one value per channel
-            return None
+
+def _check_weights(model: nn.Module, points: dict[str, tuple]) -> None:
+    """Raise ConfigError for a layer whose weight the quantizer cannot swap."""
+    modules = dict(model.named_modules())
+    for name, (weights, _) in points.items():
+        for path, pname in weights:
+            owner = _weight_owner(modules[name], path)
+            if weight_access(owner, pname) is None:
+                full = f"{name}.{path}" if path else name
+                raise ConfigError(
+                    f"layer {full!r} ({type(owner).__name__}) holds its {pname!r} neither as an "
+                    "nn.Parameter, nor through torch.nn.utils.parametrize, nor as an old-style "
+                    "torch.nn.utils.weight_norm/spectral_norm attribute, so it cannot be "
+                    f"quantized; keep it in full precision with exclude=[{name!r}]"
+                )
+
+
+# --- state that a failed step must not change ------------------------------------------------
+class _Modular(Protocol):
+    """What `_Snapshot` reads of a module (or of the objective's ``Wrapper`` protocol)."""
+
+    def buffers(self, recurse: bool = True) -> Iterator[torch.Tensor]: ...
+    def modules(self) -> Iterator[nn.Module]: ...
+
+
+class _Snapshot:
+    """Copies of every buffer of a module (observers, BatchNorm statistics) and of its
+    quantizers' host-side observer kinds, restorable in place."""
+
+    def __init__(self, module: _Modular) -> None:
+        self.saved = [(b, b.clone()) for b in module.buffers()]
+        quantizers = [m for m in module.modules() if isinstance(m, LayerQuantizer)]
+        self.kinds = [(q, list(q._kind_cache)) for q in quantizers]
+
+    def restore(self) -> None:
         with torch.no_grad():
-            module.num_batches_tracked.add_(1)
-            if module.momentum is None:  # cumulative moving average, as BatchNorm does
-                factor = 1.0 / float(module.num_batches_tracked)
-            else:
-                factor = module.momentum
-            stats = (module.running_mean, module.running_var)
-            F.batch_norm(clean, *stats, training=True, momentum=factor, eps=module.eps)
-        return None
+            for b, v in self.saved:
+                b.copy_(v)
+        for q, kinds in self.kinds:
+            q._kind_cache = kinds

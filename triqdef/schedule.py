@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import collections
 import itertools
 import numbers
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING
 
 from .errors import ConfigError
-
-if TYPE_CHECKING:
-    from .wrapper import TriQDefWrapper
+from .wrapper import TriQDefWrapper
 
 __all__ = ["BACTSchedule"]
 
@@ -30,17 +26,17 @@ class BACTSchedule:
     bits or more: 32 and 8 for the default bits) and each later stage joins at
     its milestone. When a stage joins, its bit-widths' observers and BatchNorm
     statistics are re-estimated on a short calibration pass
-    (:meth:`TriQDefWrapper.calibrate`: no gradient, no weight copy) before
-    they are trained.
+    ([`TriQDefWrapper.calibrate`][triqdef.TriQDefWrapper.calibrate]: no gradient, no
+    weight copy) before they are trained.
 
-    Call :meth:`step` once per epoch or once per iteration; ``milestones`` and
-    ``total`` are counted in the same unit. By default the stages join evenly over
-    the first half of ``total`` steps: with the default bits and ``total=200``
-    (the paper's CIFAR-10 epochs), 5 bits joins at step 33, 4 bits at 67 and
-    2 bits at 100.
+    Call [`step`][triqdef.BACTSchedule.step] once per epoch or once per iteration;
+    ``milestones`` and ``total`` are counted in the same unit. By default the stages join
+    evenly over the first half of ``total`` steps: with the default bits and
+    ``total=200`` (the paper's CIFAR-10 epochs), 5 bits joins at step 33, 4 bits at 67
+    and 2 bits at 100.
 
     Args:
-        wrapper: the :class:`~triqdef.TriQDefWrapper` to schedule.
+        wrapper: the [`TriQDefWrapper`][triqdef.TriQDefWrapper] to schedule.
         stages: groups of bit-widths in joining order; together they must be
             exactly ``wrapper.bits``.
         milestones: step count at which each stage after the first joins
@@ -50,7 +46,8 @@ class BACTSchedule:
         calib_loader: iterable of batches (tensors, or tuples whose first item is
             the input) for calibration; the first ``calib_batches`` are used. Without
             it, the most recent ``calib_batches`` inputs seen by ``wrapper.loss`` are
-            used.
+            used (see
+            [`keep_recent_inputs`][triqdef.TriQDefWrapper.keep_recent_inputs]).
         calib_batches: how many batches a calibration pass uses.
 
     Example:
@@ -71,8 +68,6 @@ class BACTSchedule:
         calib_loader: Iterable | None = None,
         calib_batches: int = 8,
     ) -> None:
-        from .wrapper import TriQDefWrapper
-
         if not isinstance(wrapper, TriQDefWrapper):
             raise ConfigError(f"BACTSchedule needs a TriQDefWrapper, got {type(wrapper).__name__}")
         stages = _default_stages(wrapper.bits) if stages is None else stages
@@ -123,7 +118,7 @@ class BACTSchedule:
         self.steps = 0
         self.stage = 0
         if calib_loader is None:
-            wrapper._recent = collections.deque(maxlen=calib_batches)
+            wrapper.keep_recent_inputs(calib_batches)
         self._apply_stage()
 
     def __repr__(self) -> str:
@@ -143,7 +138,7 @@ class BACTSchedule:
     def _calibration_batches(self) -> list:
         if self.calib_loader is not None:
             return list(itertools.islice(iter(self.calib_loader), self.calib_batches))
-        return list(self.wrapper._recent or ())
+        return self.wrapper.recent_inputs()
 
     def step(self) -> tuple[int, ...]:
         """Advance one step; stages whose milestone is reached join (and are calibrated).
@@ -193,7 +188,7 @@ class BACTSchedule:
         }
 
     def _stage_at(self, steps: int) -> int:
-        """The stage :meth:`step` reaches after ``steps`` steps."""
+        """The stage `step` reaches after ``steps`` steps."""
         return 0 if steps == 0 else sum(m <= steps for m in self.milestones)
 
     def load_state_dict(self, state: dict) -> None:

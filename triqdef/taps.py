@@ -12,7 +12,7 @@ __all__ = ["FeatureTaps"]
 
 
 class FeatureTaps:
-    """A store for the outputs of named layers, filled only inside :meth:`capture`.
+    """A store for the outputs of named layers, filled only inside `capture`.
 
     The hook is a bound method (picklable, deep-copyable). Outputs are kept per
     device, so replicas of a ``DataParallel`` model do not overwrite each other,
@@ -32,7 +32,7 @@ class FeatureTaps:
         return {"names": self.names}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["names"])
+        FeatureTaps.__init__(self, state["names"])
 
     def hook(self, name: str, module: nn.Module, args: tuple, output) -> None:
         """Forward hook: remember ``output`` while a capture is open."""

@@ -1,29 +1,35 @@
 """Patch attacks and patch sources.
 
-:func:`apply_patch` places patches; a :class:`PatchSource` is what
-``wrapper.loss(x, y, patch=source)`` draws patched images from;
-:class:`RandomPatch` (uniform noise) is the default source and the floor that
-attacks are compared against.
+[`apply_patch`][triqdef.attacks.apply_patch] places patches; a
+[`PatchSource`][triqdef.attacks.PatchSource] is what ``wrapper.loss(x, y, patch=source)``
+draws patched images from; [`RandomPatch`][triqdef.attacks.RandomPatch] (uniform noise) is
+the default source and the floor that attacks are compared against.
 
 Attacks (all built as ``Attack(model, patch_size, ...)`` and called as
 ``attack(x, y)`` or ``attack(x, y, wrapper)``, so each is a patch source):
 
-* :class:`LAVAN`: one patch per image, projected sign-gradient ascent, random
-  restarts and optional location search (Karmon et al., 2018);
-* :class:`AdversarialPatch` (GAP): one universal patch trained with
-  Expectation over Transformation (Brown et al., 2017);
-* :class:`OnTheFlyPatch`: the paper's on-the-fly source, one persistent patch
-  updated across sampled bit-widths at every training step;
-* :class:`PatchPool`: an offline pool of crafted patches with metadata, saved
-  in safetensors, sampled as the paper's default source.
+* [`LAVAN`][triqdef.attacks.LAVAN]: one patch per image, projected sign-gradient ascent,
+  random restarts and optional location search (Karmon et al., 2018);
+* [`AdversarialPatch`][triqdef.attacks.AdversarialPatch] (GAP): one universal patch trained
+  with Expectation over Transformation (Brown et al., 2017);
+* [`OnTheFlyPatch`][triqdef.attacks.OnTheFlyPatch]: the paper's on-the-fly source, one
+  persistent patch updated across sampled bit-widths at every training step;
+* [`PatchPool`][triqdef.attacks.PatchPool]: an offline pool of crafted patches with
+  metadata, saved in safetensors, sampled as the paper's default source.
+
+The modules: `base` (the attack base classes), `lavan`, `gap`, `onthefly` (one per
+attack), `pool` (the pool and its file), `craft` (crafting a pool), `regions`
+(location regions and random corners in them) and `warp` (the EOT warp).
 """
 
-from .base import REGIONS, PatchAttack, UniversalPatchAttack, resolve_region, warp_patch
+from ..patches import PatchSource, RandomPatch, apply_patch, random_locations
+from .base import PatchAttack, UniversalPatchAttack
 from .gap import AdversarialPatch
 from .lavan import LAVAN
 from .onthefly import OnTheFlyPatch
-from .patching import PatchSource, RandomPatch, apply_patch, random_locations
 from .pool import PatchPool
+from .regions import REGIONS, resolve_region
+from .warp import warp_patch
 
 __all__ = [
     "PatchSource",

@@ -8,19 +8,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_device, check_float, check_int, progress_bar, spatial_size
 from ..errors import ConfigError, InputError
-from .base import (
-    PatchAttack,
-    UniversalPatchAttack,
-    _float,
-    _int,
-    _is_wrapper,
-    check_device,
-    frozen_model,
-    progress_bar,
-    sample_eot,
-    warp_patch,
-)
+from .base import PatchAttack, UniversalPatchAttack, _frozen_model, _is_wrapper
+from .warp import sample_eot, warp_patch
 
 __all__ = ["AdversarialPatch", "eot_batch"]
 
@@ -28,14 +19,14 @@ _OPTIMIZERS = ("adam", "sign")
 
 
 def _check_eot(max_rotation, scale_range, eot_samples) -> tuple[float, tuple[float, float], int]:
-    max_rotation = _float("max_rotation", max_rotation, strict=False)
+    max_rotation = check_float("max_rotation", max_rotation, strict=False)
     try:
         lo, hi = (float(s) for s in scale_range)
     except (TypeError, ValueError):
         raise ConfigError(f"scale_range must be a (low, high) pair, got {scale_range!r}") from None
     if not 0 < lo <= hi:
         raise ConfigError(f"scale_range must satisfy 0 < low <= high, got {scale_range!r}")
-    return max_rotation, (lo, hi), _int("eot_samples", eot_samples)
+    return max_rotation, (lo, hi), check_int("eot_samples", eot_samples)
 
 
 def eot_batch(
@@ -51,7 +42,7 @@ def eot_batch(
 
     Each of the ``eot_samples * B`` copies gets its own rotation, scale and
     location (drawn from ``attack``'s generator, inside its region) and all are
-    produced by one :func:`~triqdef.attacks.base.warp_patch` call.
+    produced by one [`warp_patch`][triqdef.attacks.warp_patch] call.
 
     Args:
         attack: the attack whose generator and region are used.
@@ -71,7 +62,7 @@ def eot_batch(
     centers, angles, scales = sample_eot(
         n,
         (hh, ww),
-        tuple(patch.shape[-2:]),
+        spatial_size(patch),
         max_rotation,
         scale_range,
         lambda k: attack._rand((k,), dev),
@@ -96,12 +87,13 @@ class AdversarialPatch(UniversalPatchAttack):
 
     The patch persists: ``attack(x, y)`` continues from the current patch for
     ``steps`` steps on that batch, then pastes it (untransformed) at random
-    locations; :meth:`fit` trains it over many batches; :meth:`apply` pastes it
-    without training; :meth:`reset` starts over.
+    locations; [`fit`][triqdef.attacks.gap.AdversarialPatch.fit] trains it over many batches;
+    [`apply`][triqdef.attacks.base.UniversalPatchAttack.apply] pastes it without training;
+    [`reset`][triqdef.attacks.base.UniversalPatchAttack.reset] starts over.
 
     Args:
-        model: ``nn.Module`` or :class:`~triqdef.TriQDefWrapper`.
-        patch_size: side or ``(h, w)``; see :class:`PatchAttack`.
+        model: ``nn.Module`` or [`TriQDefWrapper`][triqdef.TriQDefWrapper].
+        patch_size: side or ``(h, w)``; see [`PatchAttack`][triqdef.attacks.PatchAttack].
         steps: optimisation steps per call.
         step_size: Adam learning rate or sign-step size.
         optimizer: ``"adam"`` or ``"sign"``.
@@ -110,7 +102,7 @@ class AdversarialPatch(UniversalPatchAttack):
         scale_range: ``(low, high)`` scale factors ((1, 1) turns scaling off).
         **kwargs: ``bits``, ``targeted``, ``target``, ``mean``, ``std``,
             ``generator``, ``seed``, ``region``, ``init_patch``, ``progress``
-            (see :class:`PatchAttack`).
+            (see [`PatchAttack`][triqdef.attacks.PatchAttack]).
 
     Attributes:
         patch: the universal patch ``(C, h, w)`` (a detached copy).
@@ -157,7 +149,7 @@ class AdversarialPatch(UniversalPatchAttack):
         )
 
     def _step(self, model: nn.Module, x: Tensor, y: Tensor) -> None:
-        p = self._param
+        p = self._current_param()  # `_ensure_patch` ran before every step
         x_adv, y_rep = eot_batch(
             self, p, x, y, self.eot_samples, self.max_rotation, self.scale_range
         )
@@ -199,12 +191,13 @@ class AdversarialPatch(UniversalPatchAttack):
             progress: tqdm bar over batches (default: the constructor's ``progress``).
 
         Returns:
-            ``self``, with :attr:`patch` set.
+            ``self``, with ``patch`` set.
 
         Raises:
-            InputError: a batch is not a valid ``(x, y)`` pair; ConfigError: bad counts.
+            InputError: a batch is not a valid ``(x, y)`` pair, or bad counts.
         """
-        epochs, steps_per_batch = _int("epochs", epochs), _int("steps_per_batch", steps_per_batch)
+        epochs = check_int("epochs", epochs, error=InputError)
+        steps_per_batch = check_int("steps_per_batch", steps_per_batch, error=InputError)
         model = self._resolve_model(None)
         if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], Tensor):
             if data[0].ndim == 4:
@@ -213,7 +206,7 @@ class AdversarialPatch(UniversalPatchAttack):
         wrap = model if _is_wrapper(model) else None
         seen = False
         param = next(model.parameters(), None)
-        with frozen_model(model, wrap):
+        with _frozen_model(model, wrap):
             for _ in range(epochs):
                 for batch in progress_bar(data, show, None, "GAP fit"):
                     if not isinstance(batch, (tuple, list)) or len(batch) < 2:
@@ -232,5 +225,5 @@ class AdversarialPatch(UniversalPatchAttack):
                     seen = True
         if not seen:
             raise InputError("fit: data yielded no batch")
-        self.patch = self._param.detach().clone()
+        self.patch = self._current_param().detach().clone()  # made by the first step
         return self

@@ -7,8 +7,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import PatchAttack, _int, draw_in_range, progress_bar, region_bounds
-from .patching import paste_patch
+from .._checks import check_int, progress_bar
+from ..patches import paste_patch
+from .base import PatchAttack
+from .regions import _draw_in_range, region_bounds
 
 __all__ = ["LAVAN"]
 
@@ -31,8 +33,8 @@ class LAVAN(PatchAttack):
     points; without location search they stay fixed.
 
     Args:
-        model: ``nn.Module`` or :class:`~triqdef.TriQDefWrapper`.
-        patch_size: side or ``(h, w)``; see :class:`PatchAttack`.
+        model: ``nn.Module`` or [`TriQDefWrapper`][triqdef.TriQDefWrapper].
+        patch_size: side or ``(h, w)``; see [`PatchAttack`][triqdef.attacks.PatchAttack].
         steps: sign-gradient steps per restart.
         step_size: size of each step in pixel units.
         restarts: random restarts (best kept per sample).
@@ -41,7 +43,7 @@ class LAVAN(PatchAttack):
         move_stride: largest shift of a proposal, in pixels per axis.
         **kwargs: ``bits``, ``targeted``, ``target``, ``mean``, ``std``,
             ``generator``, ``seed``, ``region``, ``init_patch``, ``progress``
-            (see :class:`PatchAttack`).
+            (see [`PatchAttack`][triqdef.attacks.PatchAttack]).
 
     Attributes:
         patch: ``(B, C, h, w)`` best patches of the last call.
@@ -80,10 +82,10 @@ class LAVAN(PatchAttack):
         **kwargs: Any,
     ) -> None:
         super().__init__(model, patch_size, steps=steps, step_size=step_size, **kwargs)
-        self.restarts = _int("restarts", restarts)
+        self.restarts = check_int("restarts", restarts)
         self.location_search = bool(location_search)
-        self.move_every = _int("move_every", move_every)
-        self.move_stride = _int("move_stride", move_stride)
+        self.move_every = check_int("move_every", move_every)
+        self.move_stride = check_int("move_stride", move_stride)
 
     def _attack(self, model: nn.Module, x: Tensor, y: Tensor, locations: Tensor | None) -> Tensor:
         b, c, hh, ww = x.shape
@@ -120,7 +122,7 @@ class LAVAN(PatchAttack):
             if locations is not None:
                 loc = locations.clone()
             else:
-                loc = draw_in_range(low, high, self._rand((b, 2), dev, torch.float64))
+                loc = _draw_in_range(low, high, self._rand((b, 2), dev, torch.float64))
             for t in range(self.steps):
                 next(it, None)
                 patch.requires_grad_(True)
@@ -129,7 +131,7 @@ class LAVAN(PatchAttack):
                 patch, obj = patch.detach(), obj.detach()
                 keep(obj, patch, loc)
                 if self.location_search and (t + 1) % self.move_every == 0:
-                    shift = draw_in_range(
+                    shift = _draw_in_range(
                         torch.tensor(-self.move_stride, device=dev),
                         torch.tensor(self.move_stride, device=dev),
                         self._rand((b, 2), dev, torch.float64),

@@ -10,8 +10,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError, InputError, NotCalibratedError
-from .base import UniversalPatchAttack, _int, _is_wrapper, progress_bar
+from .._checks import check_int, progress_bar
+from ..errors import ConfigError, NotCalibratedError
+from .base import UniversalPatchAttack, _is_wrapper
 from .gap import _check_eot, eot_batch
 
 __all__ = ["OnTheFlyPatch"]
@@ -36,7 +37,7 @@ class OnTheFlyPatch(UniversalPatchAttack):
     over ``K = inner_steps`` inner samples: each samples a bit-width ``b_k``
     from the wrapper's ``active_bits`` (or ``bits``), a random location and a
     small random rotation/scale (the batched warp of
-    :class:`~triqdef.attacks.AdversarialPatch`), and backpropagates through the
+    [`AdversarialPatch`][triqdef.attacks.AdversarialPatch]), and backpropagates through the
     shared backbone at ``b_k``. Inner samples that drew the same bit-width run
     as one batched forward. It then pastes ``P`` (untransformed) at random
     locations and returns the images, so it is a patch source:
@@ -47,10 +48,10 @@ class OnTheFlyPatch(UniversalPatchAttack):
     without an update.
 
     Args:
-        model: the :class:`~triqdef.TriQDefWrapper` (a plain ``nn.Module`` runs at
+        model: the [`TriQDefWrapper`][triqdef.TriQDefWrapper] (a plain ``nn.Module`` runs at
             its own precision), or ``None`` to attack the wrapper passed at call
             time (``TriQDefWrapper(net, patch_source=OnTheFlyPatch(None, 6))``).
-        patch_size: side or ``(h, w)``; see :class:`~triqdef.attacks.PatchAttack`.
+        patch_size: side or ``(h, w)``; see [`PatchAttack`][triqdef.attacks.PatchAttack].
         bits: bit-widths to sample from (default: the wrapper's ``active_bits`` at
             each call).
         steps: sign updates per call.
@@ -60,7 +61,7 @@ class OnTheFlyPatch(UniversalPatchAttack):
         scale_range: ``(low, high)`` jitter scale factors.
         **kwargs: ``targeted``, ``target``, ``mean``, ``std``, ``generator``,
             ``seed``, ``region``, ``init_patch``, ``progress`` (see
-            :class:`~triqdef.attacks.PatchAttack`).
+            [`PatchAttack`][triqdef.attacks.PatchAttack]).
 
     Attributes:
         patch: ``(C, h, w)`` the current patch.
@@ -102,7 +103,7 @@ class OnTheFlyPatch(UniversalPatchAttack):
     ) -> None:
         super().__init__(model, patch_size, steps=steps, step_size=step_size, **kwargs)
         self.bit_choices = self._check_choices(bits)
-        self.inner_steps = _int("inner_steps", inner_steps)
+        self.inner_steps = check_int("inner_steps", inner_steps)
         self.max_rotation, self.scale_range, _ = _check_eot(max_rotation, scale_range, 1)
         self.last_bits: list[int] = []
 
@@ -137,7 +138,7 @@ class OnTheFlyPatch(UniversalPatchAttack):
         choices = self.bit_choices if self.bit_choices is not None else model.active_bits
         unknown = [b for b in choices if b not in model.bits]
         if unknown:
-            raise InputError(f"bits {unknown} are not among the wrapper's bits {model.bits}")
+            raise ConfigError(f"bits {unknown} are not among the wrapper's bits {model.bits}")
         return tuple(b for b in choices if _ready(model, b))
 
     def _check_bits_for(self, model: nn.Module):
@@ -146,7 +147,7 @@ class OnTheFlyPatch(UniversalPatchAttack):
         return next((b for b in model.bits if _ready(model, b)), False)
 
     def _update(self, model: nn.Module, x: Tensor, y: Tensor) -> None:
-        p = self._param
+        p = self._current_param()  # `_ensure_patch` ran before every update
         candidates = self._candidates(model)
         self.last_bits = []
         if not candidates:

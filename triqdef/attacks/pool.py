@@ -1,8 +1,7 @@
-"""An offline pool of adversarial patches: crafted once, sampled during training, saved to disk."""
+"""The patch pool: crafted patches with metadata, sampled as a patch source, saved to disk."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import numbers
 import os
@@ -13,28 +12,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_images, check_int, check_size2, resolve_device, spatial_size
+from .._safetensors import read_safetensors, write_atomic
 from ..errors import CheckpointError, ConfigError, InputError
-from ..io import _write_atomic
-from .base import (
-    _int,
-    _is_wrapper,
-    _size2,
-    check_images,
-    draw_in_range,
-    progress_bar,
-    region_bounds,
-    resolve_region,
-    seeded_generator,
-)
-from .gap import AdversarialPatch
-from .lavan import LAVAN
-from .patching import is_label_dtype, label_dtype_error, paste_patch, resolve_device
+from ..patches import paste_patch
+from .craft import craft_patches
+from .regions import _draw_in_range, _seeded_generator, region_bounds, resolve_region
 
 __all__ = ["PatchPool", "POOL_FORMAT", "POOL_FORMAT_VERSION"]
 
 POOL_FORMAT = "triqdef-patch-pool"
 POOL_FORMAT_VERSION = "1"
-_ATTACKS = {"lavan": LAVAN, "gap": AdversarialPatch}
 
 
 def _norm_meta(meta: dict, patch: Tensor, error=ConfigError) -> dict:
@@ -43,11 +31,11 @@ def _norm_meta(meta: dict, patch: Tensor, error=ConfigError) -> dict:
         raise error(f"patch metadata must be a dict, got {type(meta).__name__}")
     out = dict(meta)
     size = tuple(patch.shape[-2:])
-    if "size" in out and tuple(_size2(out["size"], "metadata size", error)) != size:
+    if "size" in out and tuple(check_size2(out["size"], "metadata size", error)) != size:
         raise error(f"metadata size {out['size']} does not match the patch {size}")
     out["size"] = list(size)
     bits = out.get("bits", 32)
-    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or not 2 <= bits <= 32:
+    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or not 2 <= int(bits) <= 32:
         raise error(f"metadata bits must be an int in [2, 32], got {bits!r}")
     out["bits"] = int(bits)
     target = out.get("target")
@@ -63,35 +51,6 @@ def _norm_meta(meta: dict, patch: Tensor, error=ConfigError) -> dict:
         raise error(f"metadata attack must be a str, got {attack!r}")
     out["attack"] = attack
     return out
-
-
-def _gather(data, needed: int) -> tuple[Tensor, Tensor]:
-    """Collect at least ``needed`` images (or all there are) from batches or an (x, y) pair."""
-    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], Tensor):
-        if data[0].ndim == 4:
-            data = [data]
-    xs, ys, count = [], [], 0
-    try:
-        iterator = iter(data)
-    except TypeError:
-        raise InputError(f"data must be an iterable of (x, y) batches, got {data!r}") from None
-    for batch in iterator:
-        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-            raise InputError(f"each batch must be (x, y, ...), got {type(batch).__name__}")
-        x, y = batch[0], batch[1]
-        check_images(x)
-        if not isinstance(y, Tensor) or not is_label_dtype(y.dtype):
-            raise label_dtype_error("labels", y)
-        if y.shape != (x.shape[0],):
-            raise InputError(f"labels must be a ({x.shape[0]},) tensor, got {tuple(y.shape)}")
-        xs.append(x.detach())
-        ys.append(y.detach().long().to(x.device))
-        count += x.shape[0]
-        if count >= needed:
-            break
-    if not xs:
-        raise InputError("data yielded no batch")
-    return torch.cat(xs), torch.cat(ys)
 
 
 class PatchPool:
@@ -113,7 +72,8 @@ class PatchPool:
         patches: patches ``(C, h, w)`` with values in [0, 1], all with the same ``C``.
         metadata: one dict per patch (missing fields get defaults: 32 bits,
             untargeted, region ``"any"``, attack ``"custom"``).
-        generator: random generator of :meth:`__call__` and :meth:`sample`.
+        generator: random generator of [`__call__`][triqdef.attacks.pool.PatchPool.__call__]
+            and [`sample`][triqdef.attacks.pool.PatchPool.sample].
         seed: seed of a generator created on the input's device instead.
 
     Attributes:
@@ -164,7 +124,7 @@ class PatchPool:
             raise ConfigError("give generator= or seed=, not both")
         self.patches = clean
         self.metadata = [_norm_meta(m, p) for m, p in zip(metadata, clean)]
-        self.generator, self.seed = generator, None if seed is None else _int("seed", seed, 0)
+        self.generator, self.seed = generator, None if seed is None else check_int("seed", seed, 0)
         self._generators: dict[str, torch.Generator] = {}
         self._cache: dict = {}
         self.locations: Tensor | None = None
@@ -237,7 +197,7 @@ class PatchPool:
             >>> pool.is_seen(size=4, bits=32), pool.is_seen(region="top-left")
             (True, False)
         """
-        if size is not None and _size2(size, "size", InputError) not in self.sizes:
+        if size is not None and check_size2(size, "size", InputError) not in self.sizes:
             return False
         if bits is not None and bits not in self.bits:
             return False
@@ -249,7 +209,7 @@ class PatchPool:
 
     # --- randomness -------------------------------------------------------------------
     def _gen(self, device: torch.device, generator=None) -> torch.Generator | None:
-        return generator if generator is not None else seeded_generator(self, device)
+        return generator if generator is not None else _seeded_generator(self, device)
 
     def _rand(self, shape, device, generator=None) -> Tensor:
         g = self._gen(torch.device(device), generator)
@@ -259,7 +219,7 @@ class PatchPool:
     def reseed(self, seed: int | None = None) -> None:
         """Restart the random stream (from ``seed``, or the pool's seed)."""
         if seed is not None:
-            self.seed, self.generator = _int("seed", seed, 0), None
+            self.seed, self.generator = check_int("seed", seed, 0, InputError), None
         self._generators.clear()
 
     # --- use --------------------------------------------------------------------------
@@ -273,7 +233,7 @@ class PatchPool:
         Returns:
             ``n`` pairs ``(patch (C, h, w), metadata dict)``.
         """
-        n = _int("n", n, 0, InputError)
+        n = check_int("n", n, 0, InputError)
         u = self._rand((n,), "cpu" if generator is None else generator.device, generator)
         idx = torch.floor(u * len(self)).long().clamp_(max=len(self) - 1).tolist()
         return [(self.patches[i], dict(self.metadata[i])) for i in idx]
@@ -297,7 +257,7 @@ class PatchPool:
             raise InputError(f"to_batch: dtype must be a floating torch.dtype, got {dtype!r}")
         groups: dict[tuple[int, int], list[Tensor]] = {}
         for p in self.patches:
-            groups.setdefault(tuple(p.shape[-2:]), []).append(p)
+            groups.setdefault(spatial_size(p), []).append(p)
         return {k: torch.stack(v).to(device, dtype) for k, v in groups.items()}
 
     def _layout(self, image_size, device, dtype):
@@ -309,7 +269,7 @@ class PatchPool:
                 raise InputError(f"no pool patch fits in images of size {(hh, ww)}")
             groups: dict[tuple[int, int], list[int]] = {}
             for i in fits:
-                groups.setdefault(tuple(self.patches[i].shape[-2:]), []).append(i)
+                groups.setdefault(spatial_size(self.patches[i]), []).append(i)
             size_id = torch.full((len(self),), -1, dtype=torch.long)
             local = torch.zeros(len(self), dtype=torch.long)
             stacks = []
@@ -350,7 +310,7 @@ class PatchPool:
             generator: optional generator (default: the pool's).
 
         Returns:
-            Patched images ``(B, C, H, W)``; :attr:`indices` and :attr:`locations`
+            Patched images ``(B, C, H, W)``; ``indices`` and ``locations``
             record what went where.
 
         Raises:
@@ -370,8 +330,8 @@ class PatchPool:
         bnd = bounds[idx]
         loc = torch.stack(
             [
-                draw_in_range(bnd[:, 0], bnd[:, 1], u[:, 1]),
-                draw_in_range(bnd[:, 2], bnd[:, 3], u[:, 2]),
+                _draw_in_range(bnd[:, 0], bnd[:, 1], u[:, 1]),
+                _draw_in_range(bnd[:, 2], bnd[:, 3], u[:, 2]),
             ],
             dim=1,
         )
@@ -415,7 +375,7 @@ class PatchPool:
         on a random batch of ``batch_size`` images.
 
         Args:
-            model: ``nn.Module`` or :class:`~triqdef.TriQDefWrapper`.
+            model: ``nn.Module`` or [`TriQDefWrapper`][triqdef.TriQDefWrapper].
             data: iterable of ``(x, y)`` batches (images in [0, 1]) or one ``(x, y)``
                 pair; read until enough images are collected.
             sizes: patch sides or ``(h, w)`` pairs.
@@ -438,76 +398,22 @@ class PatchPool:
         Raises:
             ConfigError: bad grid or attack settings; InputError: bad data.
         """
-        if attack not in _ATTACKS:
-            raise ConfigError(f"attack must be one of {tuple(_ATTACKS)}, got {attack!r}")
-        sizes = [
-            _size2(s, "sizes") for s in (sizes if isinstance(sizes, (list, tuple)) else [sizes])
-        ]
-        bits_list = [bits] if isinstance(bits, numbers.Integral) else list(bits)
-        for b in bits_list:
-            ok = b in model.bits if _is_wrapper(model) else b == 32
-            if isinstance(b, bool) or not ok:
-                allowed = model.bits if _is_wrapper(model) else (32,)
-                raise ConfigError(f"bits {b!r} is not available; the model runs at {allowed}")
-        targets = list(targets)
-        regions = [resolve_region(r)[0] or list(resolve_region(r)[1]) for r in (regions or ["any"])]
-        if not sizes or not bits_list or not targets:
-            raise ConfigError("sizes, bits and targets must be non-empty")
-        grid = list(itertools.product(sizes, bits_list, targets, regions))
-        n = len(grid) if n_patches is None else _int("n_patches", n_patches)
-        counts = [n // len(grid) + (i < n % len(grid)) for i in range(len(grid))]
-        batch_size = _int("batch_size", batch_size)
-        need = max(batch_size, max(counts)) * 2
-        xs, ys = _gather(data, need)
-        param = next(model.parameters(), None)
-        if param is not None:
-            xs, ys = xs.to(param.device), ys.to(param.device)
-        pick = torch.Generator().manual_seed(seed)
-        kw = dict(attack_kwargs, steps=steps)
-        if step_size is not None:
-            kw["step_size"] = step_size
-        patches, metadata = [], []
-        cells = [(i, cell) for i, cell in enumerate(grid) if counts[i]]
-        for i, (size, b, target, region) in progress_bar(cells, progress, len(cells), "pool"):
-            k = counts[i]
-            pool_ids = torch.arange(xs.shape[0])
-            if target is not None:
-                pool_ids = pool_ids[ys.cpu() != target] if (ys != target).any() else pool_ids
-            common = dict(
-                kw,
-                bits=b if _is_wrapper(model) else None,
-                targeted=target is not None,
-                target=target,
-                region=region,
-                seed=seed * 100003 + i,
-            )
-            meta = dict(
-                size=list(size),
-                bits=b,
-                target=target,
-                region=region,
-                attack=attack,
-                image_size=list(xs.shape[-2:]),
-                steps=steps,
-            )
-            if attack == "lavan":
-                order = pool_ids[torch.randperm(len(pool_ids), generator=pick)]
-                chosen = order.repeat(k // len(order) + 1)[:k].to(xs.device)
-                lavan = LAVAN(model, size, **common)
-                for start in range(0, k, batch_size):
-                    sel = chosen[start : start + batch_size]
-                    lavan(xs[sel], ys[sel])
-                    for p, loc in zip(lavan.patch, lavan.locations.tolist()):
-                        patches.append(p)
-                        metadata.append(dict(meta, location=loc))
-            else:
-                for j in range(k):
-                    order = pool_ids[torch.randperm(len(pool_ids), generator=pick)]
-                    sel = order[:batch_size].to(xs.device)
-                    gap = AdversarialPatch(model, size, **dict(common, seed=common["seed"] + j))
-                    gap(xs[sel], ys[sel])
-                    patches.append(gap.patch)
-                    metadata.append(dict(meta, location=None))
+        patches, metadata = craft_patches(
+            model,
+            data,
+            sizes=sizes,
+            n_patches=n_patches,
+            targets=targets,
+            regions=regions,
+            bits=bits,
+            attack=attack,
+            steps=steps,
+            step_size=step_size,
+            seed=seed,
+            batch_size=batch_size,
+            progress=progress,
+            **attack_kwargs,
+        )
         return cls(patches, metadata, seed=seed)
 
     # --- files ------------------------------------------------------------------------
@@ -535,11 +441,11 @@ class PatchPool:
             "attack": json.dumps(sorted(self.attacks)),
             "patches": json.dumps(self.metadata),
         }
-        _write_atomic(tensors, path, header)
+        write_atomic(tensors, path, header)
 
     @classmethod
     def load(cls, path: str | os.PathLike, **kwargs: Any) -> PatchPool:
-        """Read a pool written by :meth:`save`.
+        """Read a pool written by [`save`][triqdef.attacks.pool.PatchPool.save].
 
         Args:
             path: the file.
@@ -549,20 +455,11 @@ class PatchPool:
             The pool, patches and metadata equal to the saved ones.
 
         Raises:
-            CheckpointError: missing, truncated, corrupt or foreign file, or a newer format.
+            CheckpointFileError: missing, unreadable or not a regular file (a
+                [`CheckpointError`][triqdef.errors.CheckpointError] that is an ``OSError``).
+            CheckpointError: truncated, corrupt or foreign file, or a newer format.
         """
-        from safetensors import safe_open
-
-        if not Path(path).is_file():
-            raise CheckpointError(f"{path}: no such patch-pool file")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                header = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as exc:  # safetensors reports corruption with its own error types
-            raise CheckpointError(
-                f"{path} is not a readable safetensors file (truncated or corrupt?): {exc}"
-            ) from None
+        tensors, header = read_safetensors(Path(path), "patch-pool", "PatchPool.save")
         if header.get("format") != POOL_FORMAT:
             raise CheckpointError(f"{path} is not a triqdef patch pool (metadata: {header})")
         if header.get("format_version") != POOL_FORMAT_VERSION:

@@ -1,17 +1,14 @@
-"""Placing patches on images, and the patch-source protocol of ``wrapper.loss``."""
+"""Patches on images: pasting them, random corners, and the loss's patch-source protocol."""
 
 from __future__ import annotations
 
-import numbers
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
-from ..errors import InputError
-
-if TYPE_CHECKING:
-    from ..wrapper import TriQDefWrapper
+from ._checks import check_size2, resolve_device
+from .errors import InputError
 
 __all__ = ["PatchSource", "RandomPatch", "apply_patch", "random_locations"]
 
@@ -31,133 +28,7 @@ class PatchSource(Protocol):
     loss takes input gradients of its own.
     """
 
-    def __call__(self, x: Tensor, y: Tensor, wrapper: TriQDefWrapper) -> Tensor: ...
-
-
-def _size2(size, what: str = "patch_size") -> tuple[int, int]:
-    if isinstance(size, int) and not isinstance(size, bool):
-        size = (size, size)
-    try:
-        h, w = (int(s) for s in size)
-    except (TypeError, ValueError):
-        raise InputError(f"{what} must be an int or an (h, w) pair, got {size!r}") from None
-    if h < 1 or w < 1:
-        raise InputError(f"{what} must be positive, got {(h, w)}")
-    return h, w
-
-
-# --- checks shared by the loss, the attacks and the evaluation functions ----------------------
-def is_label_dtype(dtype: torch.dtype) -> bool:
-    """Whether tensors of ``dtype`` can hold class indices: any integer dtype, not bool.
-
-    Labels of every integer width (``int64``, ``int32``, ``int16``, ``int8``, ``uint8``)
-    are accepted everywhere triqdef takes labels and used as ``int64``.
-    """
-    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
-
-
-def label_dtype_error(what: str, y) -> InputError:
-    """The [`InputError`][triqdef.errors.InputError] for labels that are no integer tensor."""
-    got = y.dtype if isinstance(y, Tensor) else type(y).__name__
-    hint = ""
-    if isinstance(y, Tensor) and (y.is_floating_point() or y.dtype == torch.bool):
-        hint = (
-            "; labels are class indices: convert whole-number labels with y.long(), and "
-            "one-hot or soft targets with y.argmax(1)"
-        )
-    return InputError(
-        f"{what} must be an integer tensor of class indices (int64, int32, int16, int8 or "
-        f"uint8), got {got}{hint}"
-    )
-
-
-def model_dtype(model) -> torch.dtype | None:
-    """The dtype of a model's first floating parameter (``None``: it has none)."""
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return None
-
-
-def check_dtype(x: Tensor, dtype: torch.dtype | None, what: str = "x", prefix: str = "") -> None:
-    """Raise [`InputError`][triqdef.errors.InputError] unless the floating images ``x`` have the
-    model's parameter ``dtype``.
-
-    Triqdef never casts images behind the caller's back (a silent cast would hide a
-    float64 pipeline running at float32 or a float16 one losing its memory savings):
-    the caller converts one side. Under ``torch.autocast`` any floating dtype is
-    accepted, as autocast casts per operation. ``dtype=None`` (a model without
-    floating parameters) accepts anything. ``prefix`` starts the message (e.g.
-    ``"clean_accuracy: "``).
-    """
-    if dtype is None or x.dtype == dtype or torch.is_autocast_enabled(x.device.type):
-        return
-    raise InputError(
-        f"{prefix}{what} is {x.dtype} but the model's parameters are {dtype}; convert the "
-        f"images with {what}.to({dtype}) (or the model with model.to({x.dtype}))"
-    )
-
-
-def available_devices() -> list[str]:
-    """The devices this machine can run on: ``cpu``, then each CUDA / MPS / XPU device."""
-    out = ["cpu"]
-    if torch.cuda.is_available():
-        out += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        out.append("mps")
-    xpu = getattr(torch, "xpu", None)
-    if xpu is not None and xpu.is_available():
-        out += [f"xpu:{i}" for i in range(xpu.device_count())]
-    return out
-
-
-def resolve_device(device, what: str = "device") -> torch.device:
-    """Check a user-given ``device=`` and return it with its index filled in (``cuda:0``).
-
-    Args:
-        device: a ``torch.device``, a string such as ``"cpu"`` or ``"cuda:1"``, or a
-            CUDA device index.
-        what: how error messages name the argument.
-
-    Returns:
-        The device, as tensors created on it report it.
-
-    Raises:
-        InputError: not a device, an unknown device type, the meta device (it holds
-            no data), or a device this machine does not have (no GPU, index too
-            high); the message lists the devices that exist.
-    """
-    if isinstance(device, torch.device):
-        dev = device
-    elif isinstance(device, str) or (
-        isinstance(device, numbers.Integral) and not isinstance(device, bool)
-    ):
-        try:
-            dev = torch.device(device)
-        except (RuntimeError, ValueError, TypeError):
-            raise InputError(
-                f"{what}={device!r} is not a device; available devices: "
-                f"{', '.join(available_devices())}"
-            ) from None
-    else:
-        raise InputError(
-            f"{what} must be a torch.device, a string such as 'cpu' or 'cuda:0', or None; "
-            f"got {type(device).__name__}"
-        )
-    if dev.type == "meta":
-        raise InputError(
-            f"{what}='meta' holds no data and cannot run an evaluation; available devices: "
-            f"{', '.join(available_devices())}"
-        )
-    try:
-        return torch.empty(0, device=dev).device  # the only test every backend answers
-    except (RuntimeError, AssertionError, ValueError, TypeError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(
-            f"{what}={str(dev)!r} is not available on this machine ({reason}); available "
-            f"devices: {', '.join(available_devices())}"
-        ) from None
+    def __call__(self, x: Tensor, y: Tensor, wrapper: Any) -> Tensor: ...
 
 
 def random_locations(
@@ -188,7 +59,8 @@ def random_locations(
 
 
 def _draw_locations(n, image_size, patch_size, generator, device) -> Tensor:
-    """:func:`random_locations` without the check of ``device`` (one triqdef already uses)."""
+    """[`random_locations`][triqdef.patches.random_locations] without the check of
+    ``device`` (one triqdef already uses)."""
     (hh, ww), (h, w) = image_size, patch_size
     gen_device = generator.device if generator is not None else device
     rows = torch.randint(0, hh - h + 1, (n,), generator=generator, device=gen_device)
@@ -266,10 +138,12 @@ def apply_patch(
 
 
 def paste_patch(x: Tensor, patch: Tensor, locations: Tensor) -> Tensor:
-    """:func:`apply_patch` at corners that triqdef drew inside the images itself.
+    """[`apply_patch`][triqdef.patches.apply_patch] at corners that triqdef drew inside
+    the images itself.
 
     Skips the bounds check of ``locations`` (a host sync), so attack loops can paste
-    at their own corners every step; user-given corners go through :func:`apply_patch`.
+    at their own corners every step; user-given corners go through
+    [`apply_patch`][triqdef.patches.apply_patch].
     """
     return _apply_patch(x, patch, locations, None, None, check=False)
 
@@ -356,13 +230,16 @@ class RandomPatch:
     """Uniform-noise patches at random locations: the default source of ``wrapper.loss``.
 
     It stands in for an adversarial patch until a crafted source is given (see
-    :mod:`triqdef.attacks`), and is the floor every attack is compared against.
+    `triqdef.attacks`), and is the floor every attack is compared against.
 
     Args:
         patch_size: side (int) or ``(h, w)``; ``None`` scales with the image: a
             square of side ``round(0.1875 * min(H, W))`` (6 pixels on 32x32, the
             paper's CIFAR-10 setting), at least 1.
         generator: optional random generator.
+
+    Raises:
+        ConfigError: ``patch_size`` is not a positive int or ``(h, w)`` pair of them.
     """
 
     def __init__(
@@ -370,7 +247,7 @@ class RandomPatch:
         patch_size: int | tuple[int, int] | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
-        self.patch_size = None if patch_size is None else _size2(patch_size)
+        self.patch_size = None if patch_size is None else check_size2(patch_size)
         self.generator = generator
 
     def __repr__(self) -> str:
