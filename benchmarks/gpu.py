@@ -39,7 +39,7 @@ import torch
 
 from triqdef import TriQDefWrapper
 from triqdef.models import resnet20, resnet56
-from triqdef.objective import _Snapshot
+from triqdef.quant import _Snapshot
 
 LAYERS = ["layer1", "layer2", "layer3"]
 ROWS = (
