@@ -47,6 +47,7 @@ import platform
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -337,10 +338,15 @@ def train(
 
 
 def _bar(total, desc, enabled):
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover
-        enabled = False
+    if enabled:
+        try:
+            from tqdm import tqdm
+        except ImportError:  # the library's policy: a bar is cosmetic, never a failure
+            warnings.warn(
+                "progress=True needs tqdm (pip install tqdm); continuing without a progress bar",
+                stacklevel=2,
+            )
+            enabled = False
     if not enabled:
 
         class _Null:

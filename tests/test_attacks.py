@@ -9,6 +9,7 @@ patched) with a uniform-noise patch of the same size.
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -32,6 +33,7 @@ from triqdef.attacks import (
 )
 from triqdef.attacks.regions import region_bounds
 from triqdef.errors import CheckpointError, ConfigError, InputError
+from triqdef.evaluate import clean_accuracy
 from triqdef.models import SmallCNN
 
 BITS = (32, 8, 4)
@@ -580,3 +582,18 @@ def test_progress_bar_and_repr(capsys):
     assert "OnTheFlyPatch" in repr(OnTheFlyPatch(w, 3, bits=(32, 4)))
     with pytest.raises(ConfigError):
         OnTheFlyPatch(w, 3, bits=(5,))
+
+
+def test_progress_without_tqdm_warns_and_runs(monkeypatch):
+    # one policy everywhere: a progress bar is cosmetic, never a reason to fail
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # `import tqdm...` now raises ImportError
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    net = tiny_net()
+    x0 = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    y0 = torch.zeros(2, dtype=torch.long)
+    with pytest.warns(UserWarning, match="tqdm"):
+        adv = LAVAN(net, 3, steps=2, progress=True, seed=0)(x0, y0)
+    assert adv.shape == x0.shape
+    with pytest.warns(UserWarning, match="tqdm"):
+        acc = clean_accuracy(net, [(x0, y0)], progress=True)
+    assert set(acc) == {32}

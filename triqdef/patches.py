@@ -68,7 +68,7 @@ def _draw_locations(n, image_size, patch_size, generator, device) -> Tensor:
     return torch.stack([rows, cols], dim=1).to(device)
 
 
-def check_locations(locations, x: Tensor, patch_size: tuple[int, int]) -> Tensor:
+def _check_locations(locations, x: Tensor, patch_size: tuple[int, int]) -> Tensor:
     """Check ``(B, 2)`` integer top-left corners that keep the patch inside ``x``.
 
     Returns:
@@ -137,7 +137,7 @@ def apply_patch(
     return _apply_patch(x, patch, locations, mask, generator, check=True)
 
 
-def paste_patch(x: Tensor, patch: Tensor, locations: Tensor) -> Tensor:
+def _paste_patch(x: Tensor, patch: Tensor, locations: Tensor) -> Tensor:
     """[`apply_patch`][triqdef.patches.apply_patch] at corners that triqdef drew inside
     the images itself.
 
@@ -210,7 +210,7 @@ def _apply_patch(
         locations = _draw_locations(b, (hh, ww), (h, w), generator, x.device)
     elif check:
         try:
-            locations = check_locations(locations, x, (h, w))
+            locations = _check_locations(locations, x, (h, w))
         except InputError as exc:
             raise InputError(f"apply_patch: {exc}") from None
     loc = locations.to(device=x.device, dtype=torch.long)

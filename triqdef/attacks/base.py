@@ -35,7 +35,7 @@ from .._checks import (
     spatial_size,
 )
 from ..errors import ConfigError, InputError
-from ..patches import check_locations, paste_patch
+from ..patches import _check_locations, _paste_patch
 from ..wrapper import TriQDefWrapper
 from .regions import RegionLike, _corners_in_region, _seeded_generator, resolve_region
 
@@ -354,7 +354,7 @@ class PatchAttack:
                 f"init_patch has {self.init_patch.shape[0]} channels, the images {x.shape[1]}"
             )
         if locations is not None:
-            check_locations(locations, x, (h, w))
+            _check_locations(locations, x, (h, w))
         if x.is_inference():
             x = x.clone()
         return x.detach(), y
@@ -474,7 +474,7 @@ class UniversalPatchAttack(PatchAttack):
                 x.shape[0], spatial_size(x), spatial_size(p), x.device
             )
         else:
-            locations = check_locations(locations, x, spatial_size(p))
+            locations = _check_locations(locations, x, spatial_size(p))
         self.patch = p.clone()
         self.locations = locations.to(x.device, torch.long)
-        return paste_patch(x.detach(), self.patch, self.locations)
+        return _paste_patch(x.detach(), self.patch, self.locations)

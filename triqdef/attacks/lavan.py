@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import check_int, progress_bar
-from ..patches import paste_patch
+from ..patches import _paste_patch
 from .base import PatchAttack
 from .regions import _draw_in_range, region_bounds
 
@@ -108,7 +108,7 @@ class LAVAN(PatchAttack):
 
         def score(patch: Tensor, loc: Tensor) -> Tensor:
             with torch.no_grad():
-                logits = self._logits(model, paste_patch(x, patch, loc), bits)
+                logits = self._logits(model, _paste_patch(x, patch, loc), bits)
                 return self._objective(logits, y)
 
         total = self.restarts * self.steps
@@ -126,7 +126,7 @@ class LAVAN(PatchAttack):
             for t in range(self.steps):
                 next(it, None)
                 patch.requires_grad_(True)
-                obj = self._objective(self._logits(model, paste_patch(x, patch, loc), bits), y)
+                obj = self._objective(self._logits(model, _paste_patch(x, patch, loc), bits), y)
                 (grad,) = torch.autograd.grad(obj.sum(), patch)
                 patch, obj = patch.detach(), obj.detach()
                 keep(obj, patch, loc)
@@ -146,4 +146,4 @@ class LAVAN(PatchAttack):
             bar.close()
         self.patch, self.locations = best_patch, best_loc
         self.last_loss = self._loss_value(best_obj)
-        return paste_patch(x, best_patch, best_loc)
+        return _paste_patch(x, best_patch, best_loc)

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from .._checks import check_images, check_int, check_size2, resolve_device, spatial_size
 from .._safetensors import read_safetensors, write_atomic
 from ..errors import CheckpointError, ConfigError, InputError
-from ..patches import paste_patch
+from ..patches import _paste_patch
 from .craft import craft_patches
 from .regions import _draw_in_range, _seeded_generator, region_bounds, resolve_region
 
@@ -341,7 +341,7 @@ class PatchPool:
             rows = (group == g).nonzero().squeeze(1)
             if rows.numel() == 0:
                 continue
-            patched = paste_patch(out[rows], stack[local[idx[rows]]], loc[rows])
+            patched = _paste_patch(out[rows], stack[local[idx[rows]]], loc[rows])
             out.index_copy_(0, rows, patched)
         self.indices, self.locations = idx, loc
         return out
