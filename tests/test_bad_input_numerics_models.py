@@ -29,9 +29,11 @@ from hostile import (
     with_inf,
     with_nan,
 )
+from safetensors.torch import load_file
 from torch import nn
 from torch.nn.utils import parametrize
 
+import triqdef
 from triqdef import TriQDefWrapper
 from triqdef.errors import (
     ConcurrentUseError,
@@ -463,6 +465,22 @@ def test_parametrized_weights_export_as_plain_quantized_parameters(kind):
         assert not exported[0].layer._forward_pre_hooks
     else:
         assert parametrize.is_parametrized(model[0], "weight")  # the wrapper's stays
+
+
+@pytest.mark.parametrize("kind", sorted(PARAMETRIZE))
+def test_parametrized_weights_save_as_integer_codes(kind, tmp_path):
+    # save_quantized read the layer's own weight parameter, which a parametrized layer lacks
+    w = _wrap(_parametrized(kind))
+    w.loss(images(), labels()).backward()
+    w.eval()
+    exported = w.export(4)
+    path = tmp_path / "q.safetensors"
+    triqdef.save_quantized(w, path, bits=4)
+    stored = load_file(path)
+    codes, scale = stored["0.layer.weight"], stored["0.layer.weight_scale"]
+    assert codes.dtype == torch.int8 and int(codes.abs().max()) <= 7  # the 4-bit grid
+    weight = codes.float() * scale.reshape(-1, *([1] * (codes.ndim - 1)))
+    torch.testing.assert_close(weight, exported[0].layer.weight.detach())
 
 
 @pytest.mark.parametrize("kind", sorted(PARAMETRIZE))

@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Union, cast
+from typing import Union
 
 import torch
 
@@ -222,11 +222,12 @@ def save_quantized(wrapper: TriQDefWrapper, path: PathLike, bits: int) -> None:
         prefix = f"{name}.layer." if name else "layer."
         for sub, pname in wrapper._quantizer(name).weights:
             key = prefix + (f"{sub}." if sub else "") + pname
-            # the layer's own weight parameter (not None for a plain parameter)
-            original = cast(
-                torch.Tensor, (layer.get_submodule(sub) if sub else layer)._parameters[pname]
-            )
-            scale = weight_scale(original, bits)  # the scale the codes were made with
+            # the scale the codes were made with: from the layer's own float weight, or,
+            # for a computed (parametrized) weight, from the exported quantized copy,
+            # whose per-channel maximum is that of the float weight it was made from
+            own = (layer.get_submodule(sub) if sub else layer)._parameters.get(pname)
+            original = own if own is not None else tensors[key]
+            scale = weight_scale(original.detach().float(), bits)
             view = scale.reshape(-1, *([1] * (original.ndim - 1)))
             tensors[key] = torch.round(tensors[key].float() / view).to(dtype)
             tensors[key + "_scale"] = scale
