@@ -36,6 +36,7 @@ LAYERS = {
     "wrapper": 5,
     "io": 6,
     "export": 6,
+    "onnx_export": 6,
     "schedule": 6,
     "attacks": 7,
     "evaluate": 7,

@@ -7,6 +7,7 @@ Public surface::
     BACTSchedule              the bit-width curriculum, stepped in your loop
     save, load                the whole wrapper in safetensors
     save_quantized            integer weight codes of one bit-width, for deployment
+    export_onnx               an ONNX QDQ model of one bit-width (extra [onnx])
     functional, losses        perceptual metrics and the cross-bit penalties
     attacks                   patch placement and patch sources
     models, data              reference models, offline datasets
@@ -23,6 +24,7 @@ from types import ModuleType
 from . import errors
 from .errors import TriQDefError
 from .io import load, save, save_quantized
+from .onnx_export import export_onnx
 from .schedule import BACTSchedule
 from .wrapper import DEFAULT_BITS, TriQDefWrapper
 
@@ -34,6 +36,7 @@ __all__ = [
     "TriQDefError",
     "TriQDefWrapper",
     "errors",
+    "export_onnx",
     "load",
     "save",
     "save_quantized",
