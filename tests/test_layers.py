@@ -43,6 +43,7 @@ LAYERS = {
     "baselines": 7,
     "models": 7,
     "data": 7,
+    "integrations": 8,  # framework glue; the core never imports it
 }
 
 
@@ -143,7 +144,8 @@ def test_no_import_of_the_package_inside_a_function():
     "module, absent",
     [
         ("triqdef.wrapper", ("triqdef.attacks", "triqdef.evaluate", "triqdef.baselines")),
-        ("triqdef", ("triqdef.attacks", "triqdef.evaluate", "triqdef.models")),
+        ("triqdef", ("triqdef.attacks", "triqdef.evaluate", "triqdef.models", "lightning")),
+        ("triqdef.integrations", ("lightning", "accelerate", "triqdef.evaluate")),
     ],
 )
 def test_importing_the_core_loads_no_layer_above_it(module, absent):

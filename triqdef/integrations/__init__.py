@@ -1,0 +1,5 @@
+"""Integrations with training frameworks; each submodule imports its framework.
+
+``triqdef.integrations.lightning`` needs the ``[lightning]`` extra. Importing this
+package imports nothing else: the core never loads a framework.
+"""
