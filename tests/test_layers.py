@@ -5,6 +5,8 @@ no cycle, and no module imports another of the package from inside a function.""
 from __future__ import annotations
 
 import ast
+import importlib
+import inspect
 import subprocess
 import sys
 from pathlib import Path
@@ -161,3 +163,26 @@ def test_the_lazy_submodules_load_on_first_access():
 
     for name in ("attacks", "evaluate", "functional", "losses", "models", "data", "baselines"):
         assert getattr(triqdef, name).__name__ == f"triqdef.{name}"
+
+
+@pytest.mark.parametrize(
+    "public, inner",
+    [
+        ("triqdef.wrapper:TriQDefWrapper", "triqdef.objective:TriQDefObjective"),
+        ("triqdef.attacks.pool:PatchPool.build", "triqdef.attacks.craft:craft_patches"),
+    ],
+)
+def test_a_public_signature_and_the_layer_it_forwards_to_share_their_defaults(public, inner):
+    # the public call spells out its keywords (config-less); the layer below must not drift
+    def resolve(spec):
+        module, _, attr = spec.partition(":")
+        obj = importlib.import_module(module)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+        return inspect.signature(obj).parameters
+
+    outer, below = resolve(public), resolve(inner)
+    shared = [n for n, p in below.items() if n in outer and p.kind is not p.VAR_KEYWORD]
+    assert len(shared) >= 5
+    for name in shared:
+        assert outer[name].default == below[name].default, name
