@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hostile import BITS, NC, images, labels, net, trained, with_inf, with_nan
 from torch import nn
 
 import triqdef
@@ -20,41 +21,8 @@ from triqdef import functional as F
 from triqdef.attacks import LAVAN, AdversarialPatch, OnTheFlyPatch, PatchPool, apply_patch
 from triqdef.errors import TriQDefError
 
-BITS = (32, 8, 4)
-NC = 5
-
-
-def _net() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1),
-        nn.BatchNorm2d(4),
-        nn.ReLU(),
-        nn.Conv2d(4, 4, 3, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(4, NC),
-    )
-
-
-def _x(b=4, c=3, h=8, w=8):
-    return torch.rand(b, c, h, w, generator=torch.Generator().manual_seed(b))
-
-
-def _y(b=4):
-    return torch.arange(b) % NC
-
-
-def _nan(t):
-    t = t.clone()
-    t.view(-1)[0] = float("nan")
-    return t
-
-
-def _inf(t):
-    t = t.clone()
-    t.view(-1)[-1] = float("inf")
-    return t
+# the shared hostile-input setting (tests/hostile.py), under this module's short names
+_net, _x, _y, _nan, _inf, _wrapper = net, images, labels, with_nan, with_inf, trained
 
 
 META_X = torch.empty(4, 3, 8, 8, device="meta")
