@@ -23,7 +23,7 @@ attack), `pool` (the pool and its file), `craft` (crafting a pool), `regions`
 """
 
 from ..patches import PatchSource, RandomPatch, apply_patch, random_locations
-from .base import PatchAttack, UniversalPatchAttack
+from .base import BasePatchAttack, UniversalPatchAttack
 from .gap import AdversarialPatch
 from .lavan import LAVAN
 from .onthefly import OnTheFlyPatch
@@ -36,7 +36,7 @@ __all__ = [
     "RandomPatch",
     "apply_patch",
     "random_locations",
-    "PatchAttack",
+    "BasePatchAttack",
     "UniversalPatchAttack",
     "LAVAN",
     "AdversarialPatch",

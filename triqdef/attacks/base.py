@@ -39,7 +39,7 @@ from ..patches import _check_locations, _paste_patch
 from ..wrapper import TriQDefWrapper
 from .regions import RegionLike, _corners_in_region, _seeded_generator, resolve_region
 
-__all__ = ["PatchAttack", "UniversalPatchAttack"]
+__all__ = ["BasePatchAttack", "UniversalPatchAttack"]
 
 
 def _is_wrapper(model: object) -> TypeGuard[TriQDefWrapper]:
@@ -68,7 +68,7 @@ def _frozen_model(model: nn.Module, wrapper: TriQDefWrapper | None = None) -> It
 
 
 # --- the base class --------------------------------------------------------------------------
-class PatchAttack:
+class BasePatchAttack:
     """Base class of the patch attacks: validation, normalisation, RNG, model state.
 
     Subclasses implement ``_attack``. Calling an attack checks its inputs
@@ -94,7 +94,7 @@ class PatchAttack:
         std: per-channel standard deviations (> 0).
         generator: random generator for locations, initialisations and EOT draws.
         seed: seed of a generator created on the input's device at the first call
-            (and again by [`reseed`][triqdef.attacks.base.PatchAttack.reseed]); exclusive
+            (and again by [`reseed`][triqdef.attacks.base.BasePatchAttack.reseed]); exclusive
             with ``generator``.
         region: where patches go: ``None``/``"any"``, a name of
             [`REGIONS`][triqdef.attacks.REGIONS] or ``(top, left, bottom, right)``
@@ -398,7 +398,7 @@ class PatchAttack:
         raise NotImplementedError
 
 
-class UniversalPatchAttack(PatchAttack):
+class UniversalPatchAttack(BasePatchAttack):
     """A patch attack whose single patch ``(C, h, w)`` persists across calls.
 
     Each call continues from the current patch;

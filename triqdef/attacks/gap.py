@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from .._checks import check_device, check_float, check_int, progress_bar, spatial_size
 from ..errors import ConfigError, InputError
-from .base import PatchAttack, UniversalPatchAttack, _frozen_model, _is_wrapper
+from .base import BasePatchAttack, UniversalPatchAttack, _frozen_model, _is_wrapper
 from .warp import sample_eot, warp_patch
 
 __all__ = ["AdversarialPatch", "eot_batch"]
@@ -30,7 +30,7 @@ def _check_eot(max_rotation, scale_range, eot_samples) -> tuple[float, tuple[flo
 
 
 def eot_batch(
-    attack: PatchAttack,
+    attack: BasePatchAttack,
     patch: Tensor,
     x: Tensor,
     y: Tensor,
@@ -93,7 +93,7 @@ class AdversarialPatch(UniversalPatchAttack):
 
     Args:
         model: ``nn.Module`` or [`TriQDefWrapper`][triqdef.TriQDefWrapper].
-        patch_size: side or ``(h, w)``; see [`PatchAttack`][triqdef.attacks.PatchAttack].
+        patch_size: side or ``(h, w)``; see [`BasePatchAttack`][triqdef.attacks.BasePatchAttack].
         steps: optimisation steps per call.
         step_size: Adam learning rate or sign-step size.
         optimizer: ``"adam"`` or ``"sign"``.
@@ -102,7 +102,7 @@ class AdversarialPatch(UniversalPatchAttack):
         scale_range: ``(low, high)`` scale factors ((1, 1) turns scaling off).
         **kwargs: ``bits``, ``targeted``, ``target``, ``mean``, ``std``,
             ``generator``, ``seed``, ``region``, ``init_patch``, ``progress``
-            (see [`PatchAttack`][triqdef.attacks.PatchAttack]).
+            (see [`BasePatchAttack`][triqdef.attacks.BasePatchAttack]).
 
     Attributes:
         patch: the universal patch ``(C, h, w)`` (a detached copy).

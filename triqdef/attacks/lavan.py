@@ -9,13 +9,13 @@ from torch import Tensor, nn
 
 from .._checks import check_int, progress_bar
 from ..patches import _paste_patch
-from .base import PatchAttack
+from .base import BasePatchAttack
 from .regions import _draw_in_range, region_bounds
 
 __all__ = ["LAVAN"]
 
 
-class LAVAN(PatchAttack):
+class LAVAN(BasePatchAttack):
     """Per-sample localized patches by projected sign-gradient ascent (Karmon et al., 2018).
 
     Each image gets its own patch ``(C, h, w)`` at its own location. Every step
@@ -34,7 +34,7 @@ class LAVAN(PatchAttack):
 
     Args:
         model: ``nn.Module`` or [`TriQDefWrapper`][triqdef.TriQDefWrapper].
-        patch_size: side or ``(h, w)``; see [`PatchAttack`][triqdef.attacks.PatchAttack].
+        patch_size: side or ``(h, w)``; see [`BasePatchAttack`][triqdef.attacks.BasePatchAttack].
         steps: sign-gradient steps per restart.
         step_size: size of each step in pixel units.
         restarts: random restarts (best kept per sample).
@@ -43,7 +43,7 @@ class LAVAN(PatchAttack):
         move_stride: largest shift of a proposal, in pixels per axis.
         **kwargs: ``bits``, ``targeted``, ``target``, ``mean``, ``std``,
             ``generator``, ``seed``, ``region``, ``init_patch``, ``progress``
-            (see [`PatchAttack`][triqdef.attacks.PatchAttack]).
+            (see [`BasePatchAttack`][triqdef.attacks.BasePatchAttack]).
 
     Attributes:
         patch: ``(B, C, h, w)`` best patches of the last call.

@@ -51,7 +51,7 @@ class OnTheFlyPatch(UniversalPatchAttack):
         model: the [`TriQDefWrapper`][triqdef.TriQDefWrapper] (a plain ``nn.Module`` runs at
             its own precision), or ``None`` to attack the wrapper passed at call
             time (``TriQDefWrapper(net, patch_source=OnTheFlyPatch(None, 6))``).
-        patch_size: side or ``(h, w)``; see [`PatchAttack`][triqdef.attacks.PatchAttack].
+        patch_size: side or ``(h, w)``; see [`BasePatchAttack`][triqdef.attacks.BasePatchAttack].
         bits: bit-widths to sample from (default: the wrapper's ``active_bits`` at
             each call).
         steps: sign updates per call.
@@ -61,7 +61,7 @@ class OnTheFlyPatch(UniversalPatchAttack):
         scale_range: ``(low, high)`` jitter scale factors.
         **kwargs: ``targeted``, ``target``, ``mean``, ``std``, ``generator``,
             ``seed``, ``region``, ``init_patch``, ``progress`` (see
-            [`PatchAttack`][triqdef.attacks.PatchAttack]).
+            [`BasePatchAttack`][triqdef.attacks.BasePatchAttack]).
 
     Attributes:
         patch: ``(C, h, w)`` the current patch.
