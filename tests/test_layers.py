@@ -46,6 +46,9 @@ LAYERS = {
     "models": 7,
     "data": 7,
     "integrations": 8,  # framework glue; the core never imports it
+    "reproduce": 8,  # the paper's experiment, on the layers below
+    "cli": 9,  # the command line
+    "__main__": 9,  # python -m triqdef
 }
 
 
@@ -146,8 +149,8 @@ def test_no_import_of_the_package_inside_a_function():
     "module, absent",
     [
         ("triqdef.wrapper", ("triqdef.attacks", "triqdef.evaluate", "triqdef.baselines")),
-        ("triqdef", ("triqdef.attacks", "triqdef.evaluate", "triqdef.models", "lightning")),
-        ("triqdef.integrations", ("lightning", "accelerate", "triqdef.evaluate")),
+        ("triqdef", ("triqdef.attacks", "triqdef.evaluate", "triqdef.models", "lightning", "art")),
+        ("triqdef.integrations", ("lightning", "accelerate", "art", "triqdef.evaluate")),
     ],
 )
 def test_importing_the_core_loads_no_layer_above_it(module, absent):
