@@ -104,26 +104,37 @@ def apply_patch(
 ) -> Tensor:
     """Paste patches into images: ``x * (1 - M) + P * M``.
 
+    Without ``mask``, ``M`` is 1 on each patch's ``h x w`` box and 0 elsewhere. A
+    ``mask`` lives in the patch's frame: for a full-size patch given without
+    ``locations`` it covers the whole image; otherwise it is the patch's own
+    ``(h, w)`` mask, pasted with the patch at ``locations`` (a shaped patch such as
+    [`DPR`][triqdef.attacks.DPR]'s), and the images stay unchanged outside the box.
+
     Args:
         x: images ``(B, C, H, W)``.
         patch: one patch ``(C, h, w)`` for every image or one per image
-            ``(B, C, h, w)``; with ``mask``, a full-size ``(C, H, W)`` or
-            ``(B, C, H, W)`` canvas.
+            ``(B, C, h, w)``; with ``mask`` and no ``locations``, a full-size
+            ``(C, H, W)`` or ``(B, C, H, W)`` canvas, or a smaller patch placed at
+            random locations.
         locations: ``(B, 2)`` integer top-left ``(row, col)`` of each patch. When
-            neither ``locations`` nor ``mask`` is given, locations are random.
-        mask: binary ``(B, 1, H, W)``, ``(1, H, W)`` or ``(H, W)`` mask selecting the
-            pixels taken from ``patch``.
+            ``locations`` is not given and the patch is smaller than the images,
+            locations are random.
+        mask: values in [0, 1] weighting the pixels taken from ``patch``: with a
+            full-size patch and no ``locations``, ``(B, 1, H, W)``, ``(1, H, W)`` or
+            ``(H, W)``; otherwise ``(B, 1, h, w)``, ``(1, h, w)`` or ``(h, w)``, the
+            patch's own shape. ``None``: the whole ``h x w`` box.
         generator: random generator for random locations.
 
     Returns:
         Patched images ``(B, C, H, W)``. Gradients reach ``patch`` only inside the
-        mask and ``x`` only outside it.
+        mask, ``x`` only outside it, and ``mask`` wherever it is pasted.
 
     Raises:
         InputError: bad ``x`` or ``patch`` (an empty patch included); ``locations``
             that are not integer ``(B, 2)`` corners keeping the patch inside the
-            images; a ``mask`` that is not on ``x``'s device or does not broadcast to
-            ``(B, 1, H, W)``.
+            images; a ``mask`` that is not a tensor on ``x``'s device or does not
+            broadcast to ``(B, 1, H, W)`` (full-size canvas) or ``(B, 1, h, w)`` (a
+            patch's own mask).
 
     Example:
         >>> x = torch.zeros(2, 1, 4, 4)
@@ -137,15 +148,16 @@ def apply_patch(
     return _apply_patch(x, patch, locations, mask, generator, check=True)
 
 
-def _paste_patch(x: Tensor, patch: Tensor, locations: Tensor) -> Tensor:
+def _paste_patch(x: Tensor, patch: Tensor, locations: Tensor, mask: Tensor | None = None) -> Tensor:
     """[`apply_patch`][triqdef.patches.apply_patch] at corners that triqdef drew inside
     the images itself.
 
     Skips the bounds check of ``locations`` (a host sync), so attack loops can paste
     at their own corners every step; user-given corners go through
-    [`apply_patch`][triqdef.patches.apply_patch].
+    [`apply_patch`][triqdef.patches.apply_patch]. ``mask`` is the patch's own
+    ``(B | 1, 1, h, w)`` mask, or ``None`` for the whole box.
     """
-    return _apply_patch(x, patch, locations, None, None, check=False)
+    return _apply_patch(x, patch, locations, mask, None, check=False)
 
 
 def _apply_patch(
@@ -177,35 +189,15 @@ def _apply_patch(
         raise InputError(f"apply_patch: {p.shape[0]} patches for {b} images")
     p = p.to(x.dtype)
 
-    if mask is not None:
-        if locations is not None:
-            raise InputError("apply_patch: give locations or mask, not both")
-        if p.shape[-2:] != (hh, ww):
-            raise InputError(
-                f"apply_patch: with a mask the patch must be full-size {(hh, ww)}, "
-                f"got {tuple(p.shape[-2:])}"
-            )
-        if not isinstance(mask, Tensor):
-            raise InputError(f"apply_patch: mask must be a tensor, got {type(mask).__name__}")
-        if mask.device != x.device:
-            raise InputError(f"apply_patch: mask is on {mask.device} but x is on {x.device}")
-        try:
-            fits = torch.broadcast_shapes(mask.shape, (b, 1, hh, ww)) == (b, 1, hh, ww)
-        except RuntimeError:
-            fits = False
-        if not fits:
-            raise InputError(
-                f"apply_patch: mask of shape {tuple(mask.shape)} does not broadcast to "
-                f"{(b, 1, hh, ww)}"
-            )
-        m = mask.to(dtype=x.dtype)
-        while m.ndim < 4:
-            m = m.unsqueeze(0)
-        return x * (1 - m) + p * m
-
     h, w = p.shape[-2:]
     if h > hh or w > ww:
         raise InputError(f"apply_patch: patch {(h, w)} is larger than the images {(hh, ww)}")
+    if mask is not None:
+        # a full-size patch without corners: the mask covers the image (a canvas)
+        canvas_mask = locations is None and (h, w) == (hh, ww)
+        m = _check_mask(mask, x, (b, 1, hh, ww) if canvas_mask else (b, 1, h, w))
+        if canvas_mask:
+            return x * (1 - m) + p * m
     if locations is None:
         locations = _draw_locations(b, (hh, ww), (h, w), generator, x.device)
     elif check:
@@ -220,10 +212,39 @@ def _apply_patch(
     index = (bi, rows.view(b, h, 1), cols.view(b, 1, w))
     values = p.expand(b, c, h, w).permute(0, 2, 3, 1)  # (B, h, w, C)
     canvas = torch.zeros(b, hh, ww, c, device=x.device, dtype=x.dtype).index_put(index, values)
-    m = torch.zeros(b, hh, ww, 1, device=x.device, dtype=x.dtype)
-    m = m.index_put(index, torch.ones((), device=x.device, dtype=x.dtype).expand(b, h, w, 1))
+    if mask is None:
+        weights = torch.ones((), device=x.device, dtype=x.dtype).expand(b, h, w, 1)
+    else:
+        weights = m.expand(b, 1, h, w).permute(0, 2, 3, 1)  # (B, h, w, 1)
+    m = torch.zeros(b, hh, ww, 1, device=x.device, dtype=x.dtype).index_put(index, weights)
     canvas, m = canvas.permute(0, 3, 1, 2), m.permute(0, 3, 1, 2)
     return x * (1 - m) + canvas * m
+
+
+def _check_mask(mask: object, x: Tensor, shape: tuple[int, int, int, int]) -> Tensor:
+    """``mask`` as a 4-d tensor of ``x``'s dtype broadcasting to ``shape``.
+
+    Raises:
+        InputError: not a tensor, on another device than ``x``, or not broadcasting.
+    """
+    if not isinstance(mask, Tensor):
+        raise InputError(f"apply_patch: mask must be a tensor, got {type(mask).__name__}")
+    if mask.device != x.device:
+        raise InputError(f"apply_patch: mask is on {mask.device} but x is on {x.device}")
+    try:
+        fits = mask.ndim <= 4 and torch.broadcast_shapes(mask.shape, shape) == shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        what = "the images" if shape[-2:] == x.shape[-2:] else "the patch"
+        raise InputError(
+            f"apply_patch: mask of shape {tuple(mask.shape)} does not broadcast to "
+            f"{shape} ({what}: (B, 1, {shape[2]}, {shape[3]}))"
+        )
+    m = mask.to(dtype=x.dtype)
+    while m.ndim < 4:
+        m = m.unsqueeze(0)
+    return m
 
 
 class RandomPatch:

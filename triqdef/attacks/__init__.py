@@ -12,18 +12,21 @@ Attacks (all built as ``Attack(model, patch_size, ...)`` and called as
   random restarts and optional location search (Karmon et al., 2018);
 * [`AdversarialPatch`][triqdef.attacks.AdversarialPatch] (GAP): one universal patch trained
   with Expectation over Transformation (Brown et al., 2017);
+* [`DPR`][triqdef.attacks.DPR]: one shape-deformable patch per image, shape and texture
+  optimised jointly (Chen et al., 2022);
 * [`OnTheFlyPatch`][triqdef.attacks.OnTheFlyPatch]: the paper's on-the-fly source, one
   persistent patch updated across sampled bit-widths at every training step;
 * [`PatchPool`][triqdef.attacks.PatchPool]: an offline pool of crafted patches with
   metadata, saved in safetensors, sampled as the paper's default source.
 
-The modules: `base` (the attack base classes), `lavan`, `gap`, `onthefly` (one per
+The modules: `base` (the attack base classes), `lavan`, `gap`, `dpr`, `onthefly` (one per
 attack), `pool` (the pool and its file), `craft` (crafting a pool), `regions`
 (location regions and random corners in them) and `warp` (the EOT warp).
 """
 
 from ..patches import PatchSource, RandomPatch, apply_patch, random_locations
 from .base import BasePatchAttack, UniversalPatchAttack
+from .dpr import DPR
 from .gap import AdversarialPatch
 from .lavan import LAVAN
 from .onthefly import OnTheFlyPatch
@@ -40,6 +43,7 @@ __all__ = [
     "UniversalPatchAttack",
     "LAVAN",
     "AdversarialPatch",
+    "DPR",
     "OnTheFlyPatch",
     "PatchPool",
     "REGIONS",

@@ -301,16 +301,20 @@ def transfer_matrix(
     target, the share predicted as the target. The diagonal is therefore exactly the
     direct attack's ASR at that bit-width.
 
-    Noise floor: for each source, ``apply_patch(x, U, attack.locations)`` with ``U``
-    uniform noise shaped like ``attack.patch`` (same size, same locations) is evaluated
-    at every target with the same definition; counts are pooled over the sources.
+    Noise floor: for each source, ``apply_patch(x, U, attack.locations, mask=attack.mask)``
+    with ``U`` uniform noise shaped like ``attack.patch`` (same size, same locations, and
+    the same shape for an attack with a mask, such as [`DPR`][triqdef.attacks.DPR]) is
+    evaluated at every target with the same definition; counts are pooled over the
+    sources.
 
     The attack protocol: ``attack(x, y)`` returns patched images like ``x``; afterwards
-    ``attack.patch`` holds the patch(es) ``(C, h, w)`` or ``(B, C, h, w)`` and
+    ``attack.patch`` holds the patch(es) ``(C, h, w)`` or ``(B, C, h, w)``,
     ``attack.locations`` their ``(B, 2)`` top-left corners (``None``: random locations
-    for the noise patch); ``attack.targeted`` and ``attack.target`` say whether and where
-    it aims. The attack is called with gradients enabled, the model in eval mode and the
-    wrapper set to ``s``; the model is put back in eval mode after each call.
+    for the noise patch) and, if the attack has one, ``attack.mask`` their shape
+    ``(B | 1, 1, h, w)`` (``None`` or absent: the whole box); ``attack.targeted`` and
+    ``attack.target`` say whether and where it aims. The attack is called with
+    gradients enabled, the model in eval mode and the wrapper set to ``s``; the model
+    is put back in eval mode after each call.
 
     Args:
         wrapper: a [`TriQDefWrapper`][triqdef.TriQDefWrapper] (a plain ``nn.Module`` gives a 1 x 1
@@ -411,7 +415,9 @@ def transfer_matrix(
                     noise = torch.rand(patch.shape, device=ev.device)
                 if isinstance(locations, Tensor):
                     locations = locations.to(ev.device)
-                x_noise = apply_patch(x, noise.to(x.dtype), locations, generator=gen)
+                mask = getattr(attack, "mask", None)  # a shaped patch's noise has its shape
+                mask = mask.to(ev.device) if isinstance(mask, Tensor) else None
+                x_noise = apply_patch(x, noise.to(x.dtype), locations, mask, generator=gen)
                 with torch.no_grad():
                     for j, t in enumerate(targets):
                         ref = clean[t] if tgt is None else None
