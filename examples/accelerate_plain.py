@@ -7,7 +7,7 @@ import argparse
 
 import torch
 from accelerate import Accelerator
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 import triqdef.data
 import triqdef.models
@@ -22,8 +22,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     accelerator = Accelerator(cpu=args.cpu)
-    x_train, y_train, name = triqdef.data.load_dataset("auto", train=True)
-    loader = DataLoader(TensorDataset(x_train, y_train), batch_size=64, shuffle=True)
+    train_set = triqdef.data.dataset("auto", train=True)
+    loader = DataLoader(train_set, batch_size=64, shuffle=True)
     model = triqdef.models.SmallCNN(width=16)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)

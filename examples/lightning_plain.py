@@ -7,7 +7,7 @@ import argparse
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 import triqdef.data
 import triqdef.models
@@ -39,10 +39,10 @@ def main() -> None:
     parser.add_argument("--fast-dev-run", action="store_true")
     args = parser.parse_args()
     torch.manual_seed(0)
-    x_train, y_train, name = triqdef.data.load_dataset("auto", train=True)
-    x_val, y_val, _ = triqdef.data.load_dataset(name, train=False)
-    train = DataLoader(TensorDataset(x_train, y_train), batch_size=64, shuffle=True)
-    val = DataLoader(TensorDataset(x_val, y_val), batch_size=256)
+    train_set = triqdef.data.dataset("auto", train=True)
+    val_set = triqdef.data.dataset(train_set.name, train=False)
+    train = DataLoader(train_set, batch_size=64, shuffle=True)
+    val = DataLoader(val_set, batch_size=256)
     model = triqdef.models.SmallCNN(width=16)
     callbacks: list[pl.Callback] = []
     trainer = pl.Trainer(

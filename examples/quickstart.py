@@ -15,9 +15,10 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 
 from triqdef import TriQDefWrapper
-from triqdef.data import iterate_minibatches, load_dataset
+from triqdef.data import dataset
 from triqdef.models import SmallCNN
 
 
@@ -30,20 +31,22 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
-    x_train, y_train, name = load_dataset(args.data, train=True)
-    x_test, y_test, _ = load_dataset(name, train=False)
-    print(f"data: {name} ({len(x_train)} train / {len(x_test)} test images)")
+    train_set = dataset(args.data, train=True)
+    test_set = dataset(train_set.name, train=False)  # the same dataset as the training one
+    print(f"data: {train_set.name} ({len(train_set)} train / {len(test_set)} test images)")
+    gen = torch.Generator().manual_seed(args.seed)
+    train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, generator=gen)
+    test_loader = DataLoader(test_set, batch_size=1000)
 
     model = SmallCNN(in_channels=1, num_classes=10, width=16)
     wrapper = TriQDefWrapper(model, bits=(32, 8, 5, 4, 2), layers=["block1", "block2"])
     optimizer = torch.optim.Adam(wrapper.parameters(), lr=3e-3)
 
     start, step, epoch = time.monotonic(), 0, 0
-    gen = torch.Generator().manual_seed(args.seed)
     wrapper.train()
     while time.monotonic() - start < args.seconds:
         epoch += 1
-        for xb, yb in iterate_minibatches(x_train, y_train, args.batch_size, generator=gen):
+        for xb, yb in train_loader:
             loss = 0.0
             for bits in wrapper.bits:  # one shared set of weights, five bit-widths
                 with wrapper.at_bits(bits):
@@ -63,9 +66,9 @@ def main() -> None:
         for bits in wrapper.bits:
             correct = 0
             with wrapper.at_bits(bits):
-                for xb, yb in iterate_minibatches(x_test, y_test, 1000, shuffle=False):
+                for xb, yb in test_loader:
                     correct += (wrapper(xb).argmax(1) == yb).sum().item()
-            print(f"  {bits:>2} bits: {100.0 * correct / len(y_test):5.1f}%")
+            print(f"  {bits:>2} bits: {100.0 * correct / len(test_set):5.1f}%")
 
 
 if __name__ == "__main__":

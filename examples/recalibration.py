@@ -19,17 +19,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import reproduce as R  # noqa: E402
-
-import triqdef  # noqa: E402
-from triqdef.baselines import make_method  # noqa: E402
-from triqdef.evaluate import clean_accuracy  # noqa: E402
+import triqdef
+import triqdef.reproduce as R
+from triqdef.baselines import make_method
+from triqdef.evaluate import clean_accuracy
 
 
 def main(argv=None) -> dict:

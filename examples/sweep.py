@@ -2,10 +2,11 @@
 
 Trains the undefended multi-bit backbone and one TriQDef model per setting, each
 changed in one respect from the library's defaults, and measures them with the
-reproduction's protocol (``examples/reproduce.py``: transfer matrices per attack and
-condition, clean accuracy as trained and after a BatchNorm refresh). It evaluates on a
-**validation split carved from the training files** (``--split val``), never on the
-test files that docs/results.md reports, so choosing defaults from it is fair.
+reproduction's protocol (``triqdef reproduce``, code in ``triqdef/reproduce.py``:
+transfer matrices per attack and condition, clean accuracy as trained and after a
+BatchNorm refresh). It evaluates on a **validation split carved from the training
+files** (``--split val``), never on the test files that docs/results.md reports, so
+choosing defaults from it is fair.
 
     python examples/sweep.py --seeds 0 --out runs/sweep-s0      # one process per seed
     python examples/sweep.py --seeds 1 --out runs/sweep-s1
@@ -25,13 +26,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import reproduce as R  # noqa: E402
+import triqdef.reproduce as R
 
 #: label -> (method, TriQDefWrapper keywords, training patches)
 SETTINGS: dict[str, tuple[str, dict, str]] = {
@@ -181,8 +180,8 @@ def combine(specs: list[str]) -> dict:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", default="auto", choices=["auto", "fashion-mnist", "cifar10", "digits"])
-    p.add_argument("--model", default="smallcnn", choices=["smallcnn", "resnet20", "resnet56"])
+    p.add_argument("--data", default="auto", choices=R.DATA_NAMES)
+    p.add_argument("--model", default="smallcnn", choices=R.MODELS)
     p.add_argument("--size", default="default", choices=list(R.SIZES))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument(

@@ -17,7 +17,8 @@ def main() -> None:
     parser.add_argument("--steps-per-epoch", type=int, default=30)
     args = parser.parse_args()
     torch.manual_seed(0)
-    x_train, y_train, name = triqdef.data.load_dataset("auto", train=True)
+    train_set = triqdef.data.dataset("auto", train=True)  # Fashion-MNIST, else digits
+    loader = torch.utils.data.DataLoader(train_set, batch_size=64, shuffle=True)
     model = triqdef.models.SmallCNN(width=16)
     model = triqdef.TriQDefWrapper(model, layers=["block1", "block2"])
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -25,8 +26,7 @@ def main() -> None:
 
     for epoch in range(args.epochs):
         model.train()
-        batches = triqdef.data.iterate_minibatches(x_train, y_train, 64)
-        for _, (x, y) in zip(range(args.steps_per_epoch), batches):
+        for _, (x, y) in zip(range(args.steps_per_epoch), loader):
             loss = model.loss(x, y)
             optimizer.zero_grad()
             loss.backward()

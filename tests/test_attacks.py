@@ -52,17 +52,18 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def digits():
     """A SmallCNN(width=8) trained on 16x16 digits, and correctly classified test images."""
-    from triqdef.data import iterate_minibatches, load_digits
+    from triqdef.data import digits as load_digits
 
     torch.manual_seed(0)
-    x_train, y_train = load_digits(16, train=True)
-    x_test, y_test = load_digits(16, train=False)
+    train, test = load_digits(train=True, size=16), load_digits(train=False, size=16)
+    x_train, y_train, x_test, y_test = train.data, train.targets, test.data, test.targets
     net = SmallCNN(width=8)
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
     steps = 0
     while steps < 300:
-        for xb, yb in iterate_minibatches(x_train, y_train, 64, generator=g):
+        for idx in torch.randperm(len(x_train), generator=g).split(64):  # one order per epoch
+            xb, yb = x_train[idx], y_train[idx]
             opt.zero_grad()
             F.cross_entropy(net(xb), yb).backward()
             opt.step()

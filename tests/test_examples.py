@@ -76,3 +76,26 @@ def test_cifar10_example_runs_on_synthetic_input(tmp_path):
     )
     assert "step 1 loss" in out.stdout and "milestones=(33, 67, 100)" in out.stdout
     assert (tmp_path / "ckpt.safetensors").stat().st_size > 0
+
+
+def test_reproduce_example_is_the_command_lines_reproduce():
+    # README's first command runs examples/reproduce.py: the same options as
+    # `triqdef reproduce`, and an error in one line with exit status 2
+    def run(*args):
+        return subprocess.run(
+            [sys.executable, str(EXAMPLES / "reproduce.py"), *args],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    help_text = run("--help")
+    assert help_text.returncode == 0
+    for option in ("--data", "--model", "--full", "--seeds", "--methods", "--triqdef"):
+        assert option in help_text.stdout
+    for option in ("--train-patches", "--bn-refresh", "--split", "--out", "--merge"):
+        assert option in help_text.stdout
+    bad = run("--triqdef", "pairs")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "reproduce.py: error: --triqdef takes KEY=VALUE, got 'pairs'"
+    ]

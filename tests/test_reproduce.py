@@ -1,24 +1,24 @@
-"""The reproduction script at its smoke size: it runs and its results files are complete."""
+"""The reproduction (triqdef.reproduce, run by ``triqdef reproduce`` and
+examples/reproduce.py) at its smoke size: it runs and its results files are complete."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+import triqdef.reproduce as reproduce
 from triqdef.baselines import METHODS, PER_BIT
 
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "reproduce.py"
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("reproduce", SCRIPT)
+def _example(name: str):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules["reproduce"] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 
@@ -38,7 +38,6 @@ def _assert_rates(rates, counts) -> None:
 
 
 def test_smoke_run_writes_every_method_condition_and_matrix(tmp_path):
-    reproduce = _load()
     reproduce.main(["--size", "smoke", "--data", "digits", "--out", str(tmp_path), "--no-progress"])
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["config"]["data"] == "digits"
@@ -80,7 +79,6 @@ def test_smoke_run_writes_every_method_condition_and_matrix(tmp_path):
 
 
 def test_off_diagonal_and_relative_change():
-    reproduce = _load()
     m = {
         "source_bits": [32, 4],
         "target_bits": [32, 4, 2],
@@ -111,7 +109,6 @@ def test_off_diagonal_and_relative_change():
 
 
 def test_validation_split_never_overlaps_training_or_calibration():
-    reproduce = _load()
     size = dict(reproduce.SIZES["smoke"])
     val = reproduce.load_data("digits", size, 0, split="val")
     test = reproduce.load_data("digits", size, 0, split="test")
@@ -122,12 +119,7 @@ def test_validation_split_never_overlaps_training_or_calibration():
 
 
 def test_recalibration_check_runs_and_reports_four_states():
-    spec = importlib.util.spec_from_file_location(
-        "recalibration", SCRIPT.with_name("recalibration.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    out = module.main(["--size", "smoke", "--data", "digits"])
+    out = _example("recalibration").main(["--size", "smoke", "--data", "digits"])
     assert list(out) == [
         "as trained",
         "calibrate(256 images)",
@@ -141,10 +133,7 @@ def test_recalibration_check_runs_and_reports_four_states():
 
 
 def test_sweep_tables_from_results():
-    _load()  # registers `reproduce`, which the sweep imports
-    spec = importlib.util.spec_from_file_location("sweep", SCRIPT.with_name("sweep.py"))
-    sweep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sweep)
+    sweep = _example("sweep")
     bits = [32, 4]
 
     def matrix(direct, cross):
@@ -175,10 +164,7 @@ def test_sweep_tables_from_results():
 
 
 def test_sweep_combine_merges_rounds_per_seed(tmp_path):
-    _load()
-    spec = importlib.util.spec_from_file_location("sweep", SCRIPT.with_name("sweep.py"))
-    sweep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sweep)
+    sweep = _example("sweep")
 
     def part(name, commit, runs):
         path = tmp_path / name
@@ -199,3 +185,47 @@ def test_sweep_combine_merges_rounds_per_seed(tmp_path):
     assert out["runs"][0]["clean"] == {"triqdef[old]": 1, "multibit": 2, "triqdef": 3}
     assert out["runs"][0]["alignment"] == {"multibit": "rep"}
     assert [r["commit"] for r in out["config"]["rounds"]] == ["c1", "c2"]
+
+
+def test_training_batches_keep_the_order_the_reproduction_always_drew():
+    # one torch.randperm(n) per epoch from a generator seeded with the run's seed, and no
+    # draw from the global random state: results at a fixed seed match the runs made
+    # before the reproduction read its data through a DataLoader
+    x = torch.arange(10, dtype=torch.float32).view(10, 1, 1, 1)
+    y = torch.arange(10)
+    loader = reproduce.train_loader(x, y, batch=4, seed=3)
+    g = torch.Generator().manual_seed(3)
+    state = torch.get_rng_state()
+    for _ in range(3):
+        batches = list(loader)
+        order = torch.randperm(10, generator=g)
+        assert [len(yb) for _, yb in batches] == [4, 4, 2]
+        assert torch.equal(torch.cat([yb for _, yb in batches]), order)
+        assert torch.equal(torch.cat([xb for xb, _ in batches]).flatten().long(), order)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--triqdef", "pairs"], "KEY=VALUE"),
+        (["--triqdef", "lambda_fpd=0.5"], "not a TriQDefWrapper keyword"),
+        (["--merge", "no-such-results.json"], "no such file"),
+        (["--epochs", "0"], "--epochs must be >= 1"),
+    ],
+)
+def test_bad_options_end_in_one_line_and_status_2(argv, match, capsys):
+    with pytest.raises(SystemExit) as info:
+        reproduce.main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and match in err and "Traceback" not in err
+
+
+def test_parse_kwargs_types_the_values():
+    assert reproduce.parse_kwargs(["pairs=sum", "lambda_fdp=0.4", "penalty_bits=none"]) == {
+        "pairs": "sum",
+        "lambda_fdp": 0.4,
+        "penalty_bits": None,
+    }
+    assert reproduce.parse_kwargs(["penalty_bits=3"]) == {"penalty_bits": 3}

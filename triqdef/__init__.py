@@ -10,7 +10,7 @@ Public surface::
     export_onnx               an ONNX QDQ model of one bit-width (extra [onnx])
     functional, losses        perceptual metrics and the cross-bit penalties
     attacks                   patch placement and patch sources
-    models, data              reference models, offline datasets
+    models, data              reference models, datasets (torch Datasets)
 
 The submodules ``attacks``, ``baselines``, ``data``, ``evaluate``, ``functional``,
 ``losses`` and ``models`` are imported on first access (``triqdef.models``).
