@@ -22,6 +22,7 @@ One policy for a missing ``tqdm``: ``progress=True`` warns and runs without a ba
 from __future__ import annotations
 
 import difflib
+import fnmatch
 import math
 import numbers
 import warnings
@@ -34,7 +35,9 @@ from torch import Tensor, nn
 from .errors import ConfigError, InputError, LayerNotFoundError
 
 __all__ = [
+    "act_grid",
     "available_devices",
+    "check_act_bits",
     "check_bits",
     "check_bits_sequence",
     "check_calibration_batches",
@@ -50,10 +53,12 @@ __all__ = [
     "check_label_range",
     "check_labels",
     "check_max_batches",
+    "check_min_bits",
     "check_momentum",
     "check_names",
     "check_patch_tensor",
     "check_penalty_bits",
+    "check_quantizer",
     "check_size2",
     "check_target",
     "is_label_dtype",
@@ -142,6 +147,122 @@ def check_names(model: nn.Module, names: Any, what: str) -> tuple[str, ...]:
                 " List them all with [n for n, _ in model.named_modules()]."
             )
     return names
+
+
+def _layer_bits(what: str, b: Any) -> int:
+    """A bit-width given in ``what``: an int in [2, 32]."""
+    if isinstance(b, bool) or not isinstance(b, int) or not 2 <= b <= 32:
+        raise ConfigError(f"{what} must be a bit-width, an int in [2, 32], got {b!r}")
+    return b
+
+
+def check_min_bits(model: nn.Module, min_bits: Any, quantized: list[str]) -> dict[str, int]:
+    """``min_bits`` (``None`` or ``{layer name or fnmatch pattern: bits}``) as
+    ``{quantized layer name: floor}``.
+
+    A name is a module of ``model``: the floor applies to the quantized layers it is or
+    contains (a container names everything inside it). A key holding ``*``, ``?`` or
+    ``[`` is an ``fnmatch`` pattern matched against the names of the quantized layers
+    (``*`` also crosses dots). A layer matched by several keys takes the highest floor.
+    Every value is an int in [2, 32] (32: never quantized).
+
+    Raises:
+        ConfigError: ``min_bits`` is not a mapping, a key is not a str, a value not a
+            bit-width, or a name is a module that holds no quantized layer.
+        LayerNotFoundError: a name is no module of ``model`` or a pattern matches no
+            quantized layer; the message lists the closest names.
+    """
+    if min_bits is None:
+        return {}
+    if not isinstance(min_bits, Mapping):
+        raise ConfigError(
+            "min_bits must be a mapping {layer name or fnmatch pattern: bits}, e.g. "
+            f"{{'conv1': 8, 'fc': 8}}, got {type(min_bits).__name__} {min_bits!r}"
+        )
+    modules = dict(model.named_modules())
+    floors: dict[str, int] = {}
+    for key, b in min_bits.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"min_bits keys must be layer names or patterns (str), got {key!r}")
+        b = _layer_bits(f"min_bits[{key!r}]", b)
+        if any(c in key for c in "*?["):
+            hits = [n for n in quantized if fnmatch.fnmatchcase(n, key)]
+            if not hits:
+                close = difflib.get_close_matches(key, quantized, n=5, cutoff=0.3)
+                hint = f" Closest quantized layers: {close}." if close else ""
+                raise LayerNotFoundError(
+                    f"min_bits pattern {key!r} matches no quantized layer of "
+                    f"{type(model).__name__}.{hint} The quantized layers are the Conv, Linear "
+                    "and MultiheadAttention modules outside `exclude` "
+                    f"(here {quantized[:8]}{' ...' if len(quantized) > 8 else ''})."
+                )
+        elif key not in modules:
+            close = difflib.get_close_matches(key, list(modules), n=5, cutoff=0.5)
+            hint = f" Closest names: {close}." if close else ""
+            raise LayerNotFoundError(
+                f"min_bits names {key!r}, which is not a module of {type(model).__name__}.{hint}"
+                " List them all with [n for n, _ in model.named_modules()]."
+            )
+        else:
+            hits = [n for n in quantized if key in ("", n) or n.startswith(key + ".")]
+            if not hits:
+                raise ConfigError(
+                    f"min_bits names {key!r} ({type(modules[key]).__name__}), which holds no "
+                    "quantized layer (Conv, Linear or MultiheadAttention outside `exclude`); "
+                    "name the quantized layers it feeds instead, e.g. "
+                    f"{quantized[:3]}"
+                )
+        for name in hits:
+            floors[name] = max(floors.get(name, 2), b)
+    return {n: floors[n] for n in quantized if n in floors}
+
+
+def check_act_bits(act_bits: Any, bits: tuple[int, ...]) -> int | dict[int, int] | None:
+    """``act_bits`` as ``None``, an int floor, or ``{weight bits: activation bits}``.
+
+    Raises:
+        ConfigError: not ``None``, an int in [2, 32], or a mapping whose keys are the
+            wrapper's bit-widths below 32 and whose values are ints in [2, 32].
+    """
+    rule = (
+        "act_bits must be None (activations at the weight bit-width), an int in [2, 32] "
+        "(the fewest bits of every layer input, e.g. 8 for W4A8 at 4 bits) or a mapping "
+        "{active bit-width: activation bits} over this wrapper's bit-widths below 32, "
+        "e.g. {4: 8, 2: 8}"
+    )
+    if act_bits is None:
+        return None
+    if isinstance(act_bits, Mapping):
+        low = [b for b in bits if b < 32]
+        out: dict[int, int] = {}
+        for k, v in act_bits.items():
+            if isinstance(k, bool) or not isinstance(k, int) or k not in low:
+                raise ConfigError(f"{rule}; the key {k!r} is not one of {low}")
+            out[k] = _layer_bits(f"act_bits[{k}]", v)
+        return dict(sorted(out.items(), reverse=True)) or None
+    if isinstance(act_bits, bool) or not isinstance(act_bits, int) or not 2 <= act_bits <= 32:
+        raise ConfigError(f"{rule}, got {act_bits!r}")
+    return act_bits
+
+
+def act_grid(act_bits: int | Mapping[int, int] | None, bits: int) -> int:
+    """The activation bit-width at the active bit-width ``bits`` under a checked
+    ``act_bits`` (before any per-layer ``min_bits`` floor)."""
+    if act_bits is None:
+        return bits
+    if isinstance(act_bits, Mapping):
+        return act_bits.get(bits, bits)
+    return max(bits, act_bits)
+
+
+def check_quantizer(quantizer: Any) -> str:
+    """``"minmax"`` or ``"lsq"``."""
+    if not isinstance(quantizer, str) or quantizer not in ("minmax", "lsq"):
+        raise ConfigError(
+            "quantizer must be 'minmax' (scales from the weights' and the observers' ranges) "
+            f"or 'lsq' (learned step sizes, LSQ), got {quantizer!r}"
+        )
+    return quantizer
 
 
 def spatial_size(t: Tensor) -> tuple[int, int]:

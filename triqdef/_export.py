@@ -15,7 +15,6 @@ from .quant import (
     LayerQuantizer,
     _recomputing_hook,
     fake_quantize_activation,
-    fake_quantize_weight,
     weight_access,
 )
 
@@ -119,29 +118,34 @@ def quantized_copy(
     below 32, ``None`` at 32).
 
     Each quantized layer (``quantizers``: layer name -> its quantizer) gets its weights
-    replaced by their quantized values and is placed inside a
+    replaced by their quantized values (on the layer's weight grid, with its learned
+    step sizes under ``quantizer="lsq"``) and is placed inside a
     [`QuantizedInputs`][triqdef.export.QuantizedInputs] that applies the frozen input
-    quantizer; BatchNorm layers (``bn_stats``: layer name -> per-bit statistics) receive
-    the ``bits``-bit running statistics. A layer that reads the model's own input gets
-    the grid of ``max(bits, input_bits)`` bits (none at 32). The objects owning the hooks
+    quantizer on the layer's activation grid; BatchNorm layers (``bn_stats``: layer
+    name -> per-bit statistics) receive the ``bits``-bit running statistics. A layer
+    that reads the model's own input gets the grid of ``max(grid, input_bits)`` bits
+    (none at 32). The objects owning the hooks
     (``hook_owners``) are shared by the deep copy, and the hooks ``hook_ids`` removed
     from it: the user's own hooks are kept. ``model`` is not modified.
 
     Raises:
         NotCalibratedError: the ``bits``-bit observers have never seen data, or
-            ``bits < input_bits`` and no forward below 32 bits has shown which layer
-            reads the model's input yet.
+            a layer's input grid is below ``input_bits`` and no forward below 32 bits
+            has shown which layer reads the model's input yet.
     """
     names = list(quantizers)
-    grids = {name: bits for name in names}
-    if index is not None and input_bits is not None and bits < input_bits:
-        readers = [quantizers[n].reads_input for n in names]
-        if all(r is None for r in readers):
-            raise NotCalibratedError(
-                f"export({bits}) with input_bits={input_bits} needs to know which layer reads "
-                "the model's input: run one forward below 32 bits first (e.g. in eval mode)"
-            )
-        grids.update({n: input_bits for n, r in zip(names, readers) if r})
+    grids: dict[str, int] = {}
+    if index is not None:
+        grids = {n: quantizers[n].act_grid[index] for n in names}
+        if input_bits is not None and any(g < input_bits for g in grids.values()):
+            readers = [quantizers[n].reads_input for n in names]
+            if all(r is None for r in readers):
+                raise NotCalibratedError(
+                    f"export({bits}) with input_bits={input_bits} needs to know which layer "
+                    "reads the model's input: run one forward below 32 bits first (e.g. in "
+                    "eval mode)"
+                )
+            grids = {n: quantizers[n].input_grid(index) for n in names}
     scales = {}
     if index is not None:  # fail before copying anything
         for name in names:
@@ -163,11 +167,11 @@ def quantized_copy(
     for name in names:
         layer = copied.get_submodule(name)
         q = quantizers[name]
-        for path, pname in q.weights:
+        for slot, (path, pname) in enumerate(q.weights):
             owner = layer.get_submodule(path) if path else layer
             # a plain parameter: `export` materialized every computed weight first
             w = cast(torch.Tensor, owner._parameters[pname])
-            owner._parameters[pname] = nn.Parameter(fake_quantize_weight(w, bits), False)
+            owner._parameters[pname] = nn.Parameter(q.quantize_weight(w, index, slot), False)
         scale, signed = scales[name]
         wrapped = QuantizedInputs(layer, scale, grids[name], signed, q.num_inputs)
         if not name:

@@ -6,18 +6,22 @@ import contextlib
 import copy
 import functools
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import cast
 
 import torch
 from torch import nn
 
 from ._checks import (
+    act_grid,
+    check_act_bits,
     check_bits,
     check_calibration_batches,
     check_input_bits,
+    check_min_bits,
     check_momentum,
     check_names,
+    check_quantizer,
     logits_of,
 )
 from ._export import materialize, quantized_copy
@@ -34,6 +38,7 @@ from .quant import (
     _key,
     _quant_points,
     _weight_owner,
+    _weight_value,
     weight_access,
 )
 from .taps import FeatureTaps
@@ -50,6 +55,11 @@ def _loss_logits_hook(ctx: BitContext, module: nn.Module, args: tuple, output):
     if ctx.rows is None or (isinstance(output, torch.Tensor) and output.ndim == 2):
         return None
     return logits_of(output, "loss")
+
+
+def _channels(layer: nn.Module, weights: tuple[tuple[str, str], ...]) -> list[int]:
+    """Output channels (first dimension) of each quantized weight of ``layer``."""
+    return [int(_weight_value(_weight_owner(layer, path), name).shape[0]) for path, name in weights]
 
 
 def _failed(checks: list[tuple[str, torch.Tensor]]) -> list[str]:
@@ -83,11 +93,16 @@ class MultiBitModel(nn.Module):
         momentum: float = 0.1,
         bn_rows: str = "all",
         input_bits: int | None = 8,
+        min_bits: Mapping[str, int] | None = None,
+        act_bits: int | Mapping[int, int] | None = None,
+        quantizer: str = "minmax",
     ) -> None:
         bits, layers, exclude = self._check_model_args(model, bits, layers, exclude, momentum)
         if not isinstance(bn_rows, str) or bn_rows not in BN_ROWS:
             raise ConfigError(f"bn_rows must be one of {BN_ROWS}, got {bn_rows!r}")
         input_bits = check_input_bits(input_bits)
+        act_bits = check_act_bits(act_bits, bits)
+        quantizer = check_quantizer(quantizer)
         for module in model.modules():
             for hook in (*module._forward_pre_hooks.values(), *module._forward_hooks.values()):
                 owner = getattr(hook, "__self__", None)
@@ -103,6 +118,7 @@ class MultiBitModel(nn.Module):
                 f"layer to quantize{' outside `exclude`' if exclude else ''}"
             )
         _check_weights(model, points)
+        floors = check_min_bits(model, min_bits, list(points))
 
         super().__init__()
         self.model = model
@@ -112,6 +128,7 @@ class MultiBitModel(nn.Module):
         self.per_bit_bn = bool(per_bit_bn)
         self.active_bits = bits
         self.bn_rows, self.input_bits = bn_rows, input_bits
+        self.min_bits, self.act_bits, self.quantizer = floors, act_bits, quantizer
         self._ctx = BitContext(tuple(b for b in bits if b < 32), input_bits)
         self._bn_rows_hooks = CleanRowsBatchNorm(self._ctx)
         self._bits = bits[0]
@@ -121,14 +138,21 @@ class MultiBitModel(nn.Module):
         self._taps = FeatureTaps(layers)
         self._handles: list = []
         modules = dict(model.named_modules())
-        self.quantizers = nn.ModuleDict(
-            {
-                _key(name): LayerQuantizer(
-                    self._ctx, weights, n, momentum, device=_device_of(modules[name])
-                )
-                for name, (weights, n) in points.items()
-            }
-        )
+        qbits = self._ctx.qbits
+        self.quantizers = nn.ModuleDict()
+        for name, (weights, n) in points.items():
+            floor = floors.get(name, 2)
+            self.quantizers[_key(name)] = LayerQuantizer(
+                self._ctx,
+                weights,
+                n,
+                momentum,
+                device=_device_of(modules[name]),
+                weight_grid=[max(b, floor) for b in qbits],
+                act_grid=[max(act_grid(act_bits, b), floor) for b in qbits],
+                quantizer=quantizer,
+                channels=_channels(modules[name], weights) if quantizer == "lsq" else (),
+            )
         self.bn_stats = nn.ModuleDict()
         if self.per_bit_bn and self._ctx.qbits:
             for name, m in model.named_modules():
@@ -164,12 +188,13 @@ class MultiBitModel(nn.Module):
             self._handles.append(
                 m.register_forward_hook(q.post_hook, with_kwargs=True, always_call=True)
             )
-            for path, pname in q.weights:
+            for slot, (path, pname) in enumerate(q.weights):
                 owner = _weight_owner(m, path)
                 if weight_access(owner, pname) == "parametrized":
                     # torch.nn.utils.parametrize keeps a ModuleDict of ParametrizationLists
                     plist = cast(nn.ModuleDict, owner.parametrizations)[pname]
-                    self._handles.append(plist.register_forward_hook(q.weight_hook))
+                    hook = functools.partial(q.weight_hook, slot=slot)
+                    self._handles.append(plist.register_forward_hook(hook))
         for name, m in modules.items():
             tracked = isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
             if self.bn_rows == "clean" and tracked:  # before `stats`: it swaps back after
@@ -183,7 +208,8 @@ class MultiBitModel(nn.Module):
             self._handles.append(m.register_forward_pre_hook(stats.pre_hook))
             self._handles.append(m.register_forward_hook(stats.post_hook, always_call=True))
         floor = self.input_bits
-        if floor is not None and any(b < floor for b in self._ctx.qbits):
+        grids = [g for q in self._all_quantizers() for g in q.act_grid]
+        if floor is not None and any(g < floor for g in grids):
             ctx = self._ctx  # the model's own input: held for the layers' pre-hooks
             self._handles.append(
                 self.model.register_forward_pre_hook(
@@ -422,7 +448,9 @@ class MultiBitModel(nn.Module):
         self._warn_uncalled()
 
     def _calibrate(self, batches: list, targets: list[int], observers: bool) -> None:
-        params = {k for k, _ in self.named_parameters()}
+        # everything but the model's parameters (observers, BatchNorm statistics, and the
+        # learned step sizes, which a recalibration sets afresh)
+        params = {f"model.{k}" for k, _ in self.model.named_parameters()}
         saved = {k: v.clone() for k, v in self.state_dict().items() if k not in params}
         bns = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         momenta = [m.momentum for m in bns]
@@ -452,6 +480,9 @@ class MultiBitModel(nn.Module):
                             f"calibrate: the model failed on batch {i} at {b} bits "
                             f"({type(exc).__name__}: {exc}); statistics restored"
                         ) from exc
+                if observers and index is not None:  # learned steps: from all the batches
+                    for q in self._all_quantizers():
+                        q.step_from_observer(index)
                 checks = [(f"input of {names[id(q)]!r}", ok) for q, _, ok in self._ctx.finite_log]
                 self._ctx.finite_log.clear()
                 bad = _failed(checks + self._bn_finite(b))
@@ -530,9 +561,11 @@ class MultiBitModel(nn.Module):
         statistics and fixed input quantizers
         ([`QuantizedInputs`][triqdef.export.QuantizedInputs]), is in eval mode,
         reproduces this wrapper's eval-mode output at ``bits`` and is accepted by
-        ``torch.export.export``. A layer that reads the model's own input gets the
-        input grid of ``max(bits, input_bits)`` bits (none at 32), as in the wrapper;
-        the user's own hooks are kept. Parameters of the copy do not require grad.
+        ``torch.export.export``. Each layer keeps its own precision (``min_bits``,
+        ``act_bits``) and, with ``quantizer="lsq"``, its learned step sizes as fixed
+        scales. A layer that reads the model's own input gets the input grid of
+        ``max(its grid, input_bits)`` bits (none at 32), as in the wrapper; the user's
+        own hooks are kept. Parameters of the copy do not require grad.
 
         A weight computed by a parametrization (``weight_norm``, ``spectral_norm``, new
         or old style) is stored in the copy as a plain quantized parameter (its

@@ -24,6 +24,10 @@ def _value_rules(wrapper) -> dict[str, str]:
         if isinstance(m, LayerQuantizer):
             rules.update({prefix + k: "observer" for k in _OBSERVERS})
             rules[prefix + "act_kind"] = "kind"
+            if m.lsq:  # learned step sizes
+                rules[prefix + "act_log_step"] = "step"
+                n = len(m.weights)
+                rules.update({f"{prefix}weight_log_steps.{j}": "step" for j in range(n)})
         elif isinstance(m, BatchNormStats) or (
             isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
         ):
@@ -69,10 +73,12 @@ def _values(key: str, v: torch.Tensor, mine: torch.Tensor, rule: str | None) -> 
     if rule is None:
         return None
     cast = v.detach().to(mine.dtype) if v.dtype != mine.dtype else v.detach()
-    if rule in ("observer", "mean", "variance"):
+    if rule in ("observer", "mean", "variance", "step"):
         bad = ~torch.isfinite(cast)
         if bool(bad.any()):
-            what = "an observer" if rule == "observer" else "a BatchNorm statistic"
+            what = {"observer": "an observer", "step": "a learned (log) step size"}.get(
+                rule, "a BatchNorm statistic"
+            )
             return f"{key}: NaN/Inf in {what} ({_rows(bad)}); it must be finite"
         if rule == "variance" and bool((cast < 0).any()):
             return f"{key}: negative running variance ({_rows(cast < 0)}); it must be >= 0"
@@ -113,7 +119,9 @@ def check_state_dict(
       integer dtype;
     * values: observers (``act_min``, ``act_max``) and BatchNorm ``running_mean`` /
       ``running_var`` (per-bit rows and the model's own) finite, ``running_var >= 0``,
-      ``num_batches_tracked >= 0``, observer kinds ``act_kind`` in 0..2.
+      ``num_batches_tracked >= 0``, observer kinds ``act_kind`` in 0..2, learned log
+      step sizes (``act_log_step``, ``weight_log_steps.<j>`` with ``quantizer="lsq"``)
+      finite.
 
     Args:
         wrapper: the [`TriQDefWrapper`][triqdef.TriQDefWrapper] to load into.

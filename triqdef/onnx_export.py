@@ -42,7 +42,7 @@ from torch.nn import functional as F
 
 from ._export import QuantizedInputs
 from .errors import ConfigError, InputError
-from .quant import fake_quantize_activation, quant_range, weight_scale
+from .quant import fake_quantize_activation, quant_range
 from .wrapper import TriQDefWrapper
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -95,33 +95,41 @@ class _WeightDQ(torch.autograd.Function):
 class _QDQLayer(nn.Module):
     """A Conv/Linear layer of the exported copy, with ONNX-exportable quantizers.
 
+    ``scale``: the ``(C_out,)`` scales the exported weight was made with (codes =
+    weight / scale); ``None`` for a layer whose weights stay in full precision
+    (``min_bits`` of 32), which keeps its float weight.
+
     Shape:
         - Input: what ``layer`` takes.
         - Output: what ``layer`` returns.
     """
 
-    weight_codes: torch.Tensor
-    weight_scale: torch.Tensor
+    weight_codes: torch.Tensor | None
+    weight_scale: torch.Tensor | None
     input_scale: torch.Tensor
 
-    def __init__(self, wrapped: QuantizedInputs, original: torch.Tensor, bits: int) -> None:
+    def __init__(self, wrapped: QuantizedInputs, scale: torch.Tensor | None) -> None:
         super().__init__()
         layer: Any = wrapped.layer  # a Conv1d/2d/3d or Linear (`_onnx_ready` checked)
-        quantized = layer.weight.detach().float()
-        # the scale the exported weight was made with (from the shared float weight)
-        scale = weight_scale(original.detach().float().cpu(), bits)
-        view = scale.reshape(-1, *([1] * (quantized.ndim - 1)))
-        self.register_buffer("weight_codes", torch.round(quantized / view).to(torch.int8))
-        self.register_buffer("weight_scale", scale)
         self.register_buffer("input_scale", wrapped.input_scale.detach().float().clone())
-        del layer._parameters["weight"]
-        layer.weight = None  # read from the codes instead
+        codes = None
+        if scale is not None:
+            quantized = layer.weight.detach().float().cpu()
+            scale = scale.detach().float().cpu()
+            view = scale.reshape(-1, *([1] * (quantized.ndim - 1)))
+            codes = torch.round(quantized / view).to(torch.int8)
+            del layer._parameters["weight"]
+            layer.weight = None  # read from the codes instead
+        self.register_buffer("weight_codes", codes)
+        self.register_buffer("weight_scale", scale)
         self.layer = layer
         self.bits, self.signed = wrapped.bits, wrapped.signed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bits < 32:
             x = _InputQDQ.apply(x, self.input_scale, self.bits, self.signed)
+        if self.weight_codes is None or self.weight_scale is None:
+            return self.layer(x)
         w = _WeightDQ.apply(self.weight_codes, self.weight_scale)
         if isinstance(self.layer, _CONV):
             return self.layer._conv_forward(x, w, self.layer.bias)
@@ -217,6 +225,7 @@ def _onnx_ready(wrapper: TriQDefWrapper, bits: int) -> nn.Module:
     exported = wrapper.export(bits)
     if bits >= 32:
         return _replace_pools(exported.cpu())
+    index = wrapper._ctx.qbits.index(bits)
     for name in wrapper.quantized_layers():
         wrapped = exported.get_submodule(name)
         layer = getattr(wrapped, "layer", None)
@@ -225,15 +234,21 @@ def _onnx_ready(wrapper: TriQDefWrapper, bits: int) -> nn.Module:
                 f"export_onnx supports quantized Conv1d/2d/3d and Linear layers; {name!r} "
                 f"is {type(layer or wrapped).__name__} (exclude it or export another way)"
             )
-        if wrapped.bits > 8 and wrapped.bits < 32:
-            raise ConfigError(
-                f"export_onnx: layer {name!r} reads the model's input on a {wrapped.bits}-bit "
-                "grid (input_bits), above the 8 bits an int8/uint8 QDQ pair holds"
-            )
-        original: torch.Tensor | None = wrapper.model.get_submodule(name)._parameters.get("weight")
-        if original is None:  # a computed weight: the exported copy keeps its channel maxima
-            original = cast(torch.Tensor, layer.weight)
-        replacement = _QDQLayer(wrapped, original, bits).cpu()
+        q = wrapper._quantizer(name)
+        for what, grid in (("inputs", wrapped.bits), ("weights", q.weight_grid[index])):
+            if 8 < grid < 32:
+                raise ConfigError(
+                    f"export_onnx: at {bits} bits layer {name!r} quantizes its {what} on a "
+                    f"{grid}-bit grid (min_bits, act_bits or input_bits), above the 8 bits "
+                    "an int8/uint8 QDQ pair holds; lower that floor to 8 or raise it to 32"
+                )
+        scale = None
+        if q.weight_grid[index] < 32:
+            own = wrapper.model.get_submodule(name)._parameters.get("weight")
+            # a computed weight: the exported copy keeps its channel maxima
+            original = cast(torch.Tensor, layer.weight if own is None else own)
+            scale = q.weight_scales(original.detach().float(), index)
+        replacement = _QDQLayer(wrapped, scale).cpu()
         if not name:
             return replacement
         parent, _, child = name.rpartition(".")
@@ -256,7 +271,11 @@ def export_onnx(
     passes through ``QuantizeLinear`` -> ``Clip`` -> ``DequantizeLinear`` (one scale,
     zero-point 0; int8 for the signed narrow grid, uint8 for the unsigned grid; the
     ``Clip`` to the grid is left out where the grid fills the type, i.e. 8-bit
-    unsigned). At 32 bits the plain float model is written. The batch dimension of
+    unsigned). At 32 bits the plain float model is written. Per-layer precision is
+    kept: each layer's weight codes and input grid are those of its own bit-widths
+    (``min_bits``, ``act_bits``, ``input_bits``; e.g. W4A8 gives 4-bit codes and 8-bit
+    input grids), and a layer kept at 32 bits has float weights and no QDQ pair. With
+    ``quantizer="lsq"`` the scales are the learned step sizes. The batch dimension of
     the input and of the output is dynamic (``"batch"``). The model is checked with
     ``onnx.checker.check_model`` before the file is written; a refused call writes
     nothing. The wrapper is not modified.
@@ -274,7 +293,8 @@ def export_onnx(
         ConfigError: onnx is not installed (``pip install 'triqdef[onnx]'``), ``wrapper``
             is not a wrapper or is in training mode, ``bits`` is not one of its
             bit-widths or lies between 9 and 31, a quantized layer is not a Conv or
-            Linear layer, or ``opset`` is below 13.
+            Linear layer or runs its weights or inputs at 9 to 31 bits (a ``min_bits``,
+            ``act_bits`` or ``input_bits`` floor above 8), or ``opset`` is below 13.
         InputError: ``path`` is not a path, or ``example_input`` is not a
             floating-point tensor with a batch dimension.
         NotCalibratedError: the ``bits``-bit observers have never seen data.

@@ -19,6 +19,15 @@ Grids (zero-point fixed at 0 everywhere):
 * 32 bits is the identity: no quantizer runs at all.
 * The model's own input, read by a layer, uses the grid of ``max(bits, input_bits)``
   bits (``BitContext.input_bits``; none at 32), with the same observer.
+* Per-layer precision: each `LayerQuantizer` holds, per bit-width row, the grid of
+  its weights (``weight_grid``) and of its inputs (``act_grid``); by default both are
+  that row's bit-width. ``min_bits`` and ``act_bits`` of the wrapper raise them (see
+  [`TriQDefWrapper`][triqdef.TriQDefWrapper]); the observer row stays the active
+  bit-width's, read on the layer's grid.
+* Learned step sizes (``quantizer="lsq"``, LSQ, Esser et al. 2020): the scale of
+  each grid above becomes a learnable step size
+  ([`lsq_fake_quantize`][triqdef.quant.lsq_fake_quantize]), one per row, per output
+  channel for weights and per tensor for activations.
 
 The straight-through estimator comes from PyTorch's fused fake-quant ops:
 the gradient is 1 where the value fell inside the grid's range and 0 where it
@@ -34,7 +43,8 @@ NaN or +-Inf leaves it as it was (see
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+from collections.abc import Iterator, Sequence
 from typing import Any, Protocol, cast
 
 import torch
@@ -50,6 +60,10 @@ __all__ = [
     "fake_quantize_weight",
     "activation_scale",
     "fake_quantize_activation",
+    "lsq_grad_scale",
+    "lsq_fake_quantize",
+    "lsq_step",
+    "LSQFakeQuantize",
     "LayerQuantizer",
     "BatchNormStats",
     "CleanRowsBatchNorm",
@@ -58,6 +72,7 @@ __all__ = [
 
 _UNSEEN, _UNSIGNED, _SIGNED = 0, 1, 2
 _EPS = torch.finfo(torch.float32).eps
+QUANTIZERS = ("minmax", "lsq")
 
 
 def quant_range(bits: int, signed: bool) -> tuple[int, int]:
@@ -149,6 +164,216 @@ def fake_quantize_activation(
     return out + (xd - xd)
 
 
+# --- learned step sizes (LSQ) -----------------------------------------------------------------
+def _along(step: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
+    """``step`` shaped to broadcast against ``x``: 0-dim per tensor, ``(C,)`` along ``axis``."""
+    if axis is None:
+        return step.reshape(())
+    shape = [1] * x.ndim
+    shape[axis] = -1
+    return step.reshape(shape)
+
+
+class _LSQ(torch.autograd.Function):
+    """LSQ's quantize-dequantize with its gradients (Esser et al., 2020, eq. 3 and 5).
+
+    Forward: ``clamp(round(x * (1 / s)), qmin, qmax) * s`` (``x * (1 / s)`` as torch's
+    fused fake-quant ops compute it, so that a frozen export reproduces it bit for bit).
+    Backward, with ``v = x / s``: ``dx = g`` where ``qmin <= v <= qmax``, else 0;
+    ``ds = grad_scale * sum(g * c)`` over the elements that share ``s``, with ``c = qmin``
+    below the grid, ``qmax`` above it and ``round(v) - v`` inside. The backward is made of
+    differentiable ops, so a double backward (the gradient penalty's) goes through it.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        step: torch.Tensor,
+        qmin: int,
+        qmax: int,
+        grad_scale: float,
+        axis: int | None,
+    ) -> torch.Tensor:
+        s = _along(step, x, axis)
+        ctx.save_for_backward(x, step)
+        ctx.grid, ctx.grad_scale, ctx.axis = (qmin, qmax), grad_scale, axis
+        return torch.round(x * (1.0 / s)).clamp_(qmin, qmax) * s
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):
+        x, step = ctx.saved_tensors
+        (qmin, qmax), axis = ctx.grid, ctx.axis
+        v = x / _along(step, x, axis)
+        below, above = v < qmin, v > qmax
+        grad_x = grad_step = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad * ~(below | above)
+        if ctx.needs_input_grad[1]:
+            coef = torch.where(below, float(qmin), torch.where(above, float(qmax), v.round() - v))
+            per = grad * coef
+            if axis is None:
+                summed = per.sum()
+            else:
+                summed = per.sum(dim=[d for d in range(x.ndim) if d != axis])
+            grad_step = (summed * ctx.grad_scale).reshape(step.shape)
+        return grad_x, grad_step, None, None, None, None
+
+
+def lsq_grad_scale(x: torch.Tensor, bits: int, signed: bool, axis: int | None = None) -> float:
+    """LSQ's gradient scale ``g = 1 / sqrt(N * Qp)`` for the step size of ``x``.
+
+    ``Qp`` is the grid's largest code (``quant_range(bits, signed)[1]``); ``N`` is the
+    number of elements one step size scales in one sample: ``x[0].numel()`` per tensor
+    (the features of one sample, the batch being averaged by the loss; ``x.numel()`` for
+    a tensor of fewer than 2 dimensions), ``x.numel() / x.shape[axis]`` per channel (the
+    weights of one output channel).
+    """
+    if axis is not None:
+        n = x.numel() // max(x.shape[axis], 1)
+    else:
+        n = x[0].numel() if x.ndim >= 2 else x.numel()
+    return 1.0 / math.sqrt(max(n, 1) * quant_range(bits, signed)[1])
+
+
+def lsq_fake_quantize(
+    x: torch.Tensor,
+    step: torch.Tensor,
+    bits: int,
+    signed: bool,
+    axis: int | None = None,
+    grad_scale: float | None = None,
+) -> torch.Tensor:
+    """Quantize-dequantize with a learnable step size (LSQ, Esser et al., 2020).
+
+    ``out = clamp(round(x / step), qmin, qmax) * step`` on the grid of
+    [`quant_range`][triqdef.quant.quant_range]. The gradient w.r.t. ``x`` is the clipped
+    straight-through estimator (1 where ``qmin <= x / step <= qmax``, else 0); the
+    gradient w.r.t. ``step`` is LSQ's: ``round(x / step) - x / step`` inside the grid,
+    ``qmin`` / ``qmax`` where ``x`` was clipped, summed over the elements sharing the step
+    and multiplied by ``grad_scale``. Supports double backward.
+
+    Args:
+        x: any shape (``(C, ...)`` for a per-channel weight).
+        step: positive step size: 0-dim (or one element) per tensor, ``(x.shape[axis],)``
+            per channel. Cast to ``x``'s dtype. Not checked here;
+            [`LSQFakeQuantize`][triqdef.quant.LSQFakeQuantize] and the wrapper learn it
+            in the log domain ([`lsq_step`][triqdef.quant.lsq_step]), so it is positive.
+        bits: bit-width of the grid, 2 to 31.
+        signed: signed narrow grid, or unsigned grid.
+        axis: the channel dimension of a per-channel ``step``; ``None``: per tensor.
+        grad_scale: multiplies the step's gradient; ``None``: LSQ's
+            ``1 / sqrt(N * Qp)`` ([`lsq_grad_scale`][triqdef.quant.lsq_grad_scale]).
+
+    Returns:
+        Tensor like ``x`` whose entries are multiples of the step on the grid; an entry
+        that is NaN or +-Inf in ``x`` is NaN, as in
+        [`fake_quantize_activation`][triqdef.quant.fake_quantize_activation].
+
+    Example:
+        >>> x = torch.tensor([-1.0, 0.26, 0.4, 3.0])
+        >>> lsq_fake_quantize(x, torch.tensor(0.25), 2, signed=False).tolist()
+        [0.0, 0.25, 0.5, 0.75]
+    """
+    qmin, qmax = quant_range(bits, signed)
+    scale = lsq_grad_scale(x, bits, signed, axis) if grad_scale is None else float(grad_scale)
+    out = cast(torch.Tensor, _LSQ.apply(x, step.to(x.dtype), qmin, qmax, scale, axis))
+    xd = x.detach()
+    return out + (xd - xd)
+
+
+class _LogStep(torch.autograd.Function):
+    """``exp(log_step)``, whose gradient w.r.t. ``log_step`` is the step's gradient divided
+    by the step (a positive preconditioning of the exact ``step * grad``): plain SGD then
+    moves the step by LSQ's ``-lr * grad`` to first order, never past zero."""
+
+    @staticmethod
+    def forward(ctx: Any, log_step: torch.Tensor) -> torch.Tensor:
+        step = log_step.exp()
+        ctx.save_for_backward(step)
+        return step
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        (step,) = ctx.saved_tensors
+        return grad / step
+
+
+def lsq_step(log_step: torch.Tensor) -> torch.Tensor:
+    """The step size a learnable ``log_step`` parameter holds: ``exp(log_step)``, at least
+    float32 eps.
+
+    The step is learned in the log domain so that it stays positive and an optimizer
+    that normalises its updates (Adam) changes it by a relative amount: a step of an
+    8-bit grid (about 1/255 of the range) would otherwise cross zero within a few Adam
+    steps at a usual learning rate. The gradient passed to ``log_step`` is the step's
+    gradient divided by the step, so that SGD moves the step as LSQ does, by
+    ``-lr * dL/ds`` to first order.
+    """
+    return cast(torch.Tensor, _LogStep.apply(log_step)).clamp_min(_EPS)
+
+
+class LSQFakeQuantize(nn.Module):
+    """A fake quantizer with a learnable step size: the module twin of
+    [`lsq_fake_quantize`][triqdef.quant.lsq_fake_quantize].
+
+    The parameter is ``log_step``, the step's natural logarithm (see
+    [`lsq_step`][triqdef.quant.lsq_step]); ``step`` reads the step size.
+
+    Args:
+        bits: bit-width of the grid, 2 to 31.
+        signed: signed narrow grid (weights, signed activations) or unsigned grid.
+        channels: ``None`` for one step per tensor, else the number of channels along
+            ``axis`` (one step each).
+        axis: the channel dimension (per-channel only).
+        init: initial step size, positive.
+
+    Shape:
+        - Input: any shape; ``(..., channels, ...)`` with ``channels`` at ``axis``
+          when per channel.
+        - Output: same as the input.
+
+    Example:
+        >>> q = LSQFakeQuantize(4, signed=True, channels=3, init=0.1)
+        >>> q(torch.randn(3, 5)).shape
+        torch.Size([3, 5])
+    """
+
+    def __init__(
+        self,
+        bits: int,
+        signed: bool = True,
+        channels: int | None = None,
+        axis: int = 0,
+        init: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 31:
+            raise ConfigError(f"bits must be an int in [2, 31], got {bits!r}")
+        if channels is not None and (
+            isinstance(channels, bool) or not isinstance(channels, int) or channels < 1
+        ):
+            raise ConfigError(f"channels must be None or a positive int, got {channels!r}")
+        if not isinstance(init, (int, float)) or not math.isfinite(init) or init <= 0:
+            raise ConfigError(f"init must be a positive finite step size, got {init!r}")
+        shape = () if channels is None else (channels,)
+        self.log_step = nn.Parameter(torch.full(shape, math.log(init)))
+        self.bits, self.signed, self.axis = bits, bool(signed), axis
+        self.per_channel = channels is not None
+
+    @property
+    def step(self) -> torch.Tensor:
+        """The step size(s), ``exp(log_step)`` (with gradient)."""
+        return lsq_step(self.log_step)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, signed={self.signed}, channels={tuple(self.log_step.shape)}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        axis = self.axis if self.per_channel else None
+        return lsq_fake_quantize(x, self.step, self.bits, self.signed, axis)
+
+
 def weight_access(owner: nn.Module, name: str) -> str | None:
     """How the layer ``owner`` holds its weight ``name``, as the quantizer swaps it.
 
@@ -168,6 +393,25 @@ def weight_access(owner: nn.Module, name: str) -> str | None:
     if isinstance(owner.__dict__.get(name), torch.Tensor) and _recomputing_hook(owner, name):
         return "computed"
     return None
+
+
+@torch.no_grad()
+def _weight_value(owner: nn.Module, name: str) -> torch.Tensor:
+    """The current value of the weight ``name`` of ``owner``, without side effects: a
+    ``torch.nn.utils.parametrize`` weight is computed with its parametrizations in eval
+    mode (``spectral_norm`` runs no power iteration)."""
+    access = weight_access(owner, name)
+    if access == "parameter":
+        return cast(torch.Tensor, owner._parameters[name])
+    if access == "computed":
+        return cast(torch.Tensor, owner.__dict__[name])
+    plist = cast(nn.ModuleDict, owner.parametrizations)[name]
+    was = plist.training
+    plist.train(False)
+    try:
+        return cast(torch.Tensor, getattr(owner, name))
+    finally:
+        plist.train(was)
 
 
 def _recomputing_hook(owner: nn.Module, name: str):
@@ -258,7 +502,30 @@ class LayerQuantizer(nn.Module):
     reading the model's own input: ``None`` until a forward of the whole model ran
     below 32 bits with an input-grid floor (``BitContext.input_bits``), then
     ``True`` once it has read it. Such a layer quantizes its inputs at
-    ``max(bits, input_bits)`` bits (not at all at 32), with the same observer row.
+    ``max(grid, input_bits)`` bits (not at all at 32), with the same observer row.
+
+    Per-layer precision (host side, fixed at construction): row ``i`` quantizes the
+    weights on a ``weight_grid[i]``-bit grid and the inputs on an ``act_grid[i]``-bit
+    grid (both ``ctx.qbits[i]`` by default; 32 leaves them unquantized). The observer
+    row is row ``i`` whatever the grid: it sees the inputs of the model running at
+    bit-width ``ctx.qbits[i]``, and the scale is read off its range on the layer's grid.
+
+    With ``quantizer="lsq"`` (LSQ, Esser et al. 2020) the scales are learned instead,
+    one row per bit-width, as natural logarithms (see [`lsq_step`][triqdef.quant.lsq_step]):
+
+    * ``act_log_step``: ``(K,)`` parameter, the log step size of the inputs (per tensor);
+    * ``weight_log_steps[j]``: ``(K, C_out_j)`` parameter, the log step sizes of weight
+      ``j`` (per output channel).
+
+    A row's steps are set when its observer sees its first finite batch: the input
+    step to the observer's scale on the layer's grid, the weight steps to the current
+    weights' ``max|w_c| / Qp`` (the min/max quantizer's scales), so that the first
+    forward equals the min/max quantizer's (up to the float rounding of the logarithm);
+    a row that has seen no data quantizes its weights with that min/max scale.
+    [`calibrate`][triqdef.TriQDefWrapper.calibrate] (with ``observers=True``) sets the
+    steps of the bit-widths it calibrates afresh, the input steps from the observers'
+    average over its batches. The step's gradient carries LSQ's gradient scale
+    ``1 / sqrt(N * Qp)`` (see [`lsq_grad_scale`][triqdef.quant.lsq_grad_scale]).
 
     Args:
         ctx: the wrapper's `BitContext`.
@@ -267,6 +534,11 @@ class LayerQuantizer(nn.Module):
         num_inputs: how many leading positional inputs are activation-quantized.
         momentum: weight of the new batch in the moving average.
         device: where the buffers live (the layer's device).
+        weight_grid: bit-width of the weights' grid per row (default ``ctx.qbits``).
+        act_grid: bit-width of the inputs' grid per row (default ``ctx.qbits``).
+        quantizer: ``"minmax"`` (scales from the weights and the observers) or
+            ``"lsq"`` (learned step sizes).
+        channels: output channels of each of ``weights`` (needed for ``"lsq"``).
     """
 
     act_min: torch.Tensor
@@ -280,6 +552,11 @@ class LayerQuantizer(nn.Module):
         num_inputs: int = 1,
         momentum: float = 0.1,
         device: torch.device | str | None = None,
+        *,
+        weight_grid: Sequence[int] | None = None,
+        act_grid: Sequence[int] | None = None,
+        quantizer: str = "minmax",
+        channels: Sequence[int] = (),
     ) -> None:
         super().__init__()
         k = len(ctx.qbits)
@@ -293,11 +570,30 @@ class LayerQuantizer(nn.Module):
         self._kind_cache: list[int | None] = [None] * k
         self._stash: list[list[tuple[dict, str, torch.Tensor]]] = []  # (dict, name, shared)
         self.reads_input: bool | None = None
+        self.weight_grid = tuple(ctx.qbits if weight_grid is None else weight_grid)
+        self.act_grid = tuple(ctx.qbits if act_grid is None else act_grid)
+        if len(self.weight_grid) != k or len(self.act_grid) != k:
+            raise ConfigError(f"weight_grid and act_grid need one bit-width per row ({k})")
+        if quantizer not in QUANTIZERS:
+            raise ConfigError(f"quantizer must be one of {QUANTIZERS}, got {quantizer!r}")
+        self.lsq = quantizer == "lsq"
+        if self.lsq:
+            if len(channels) != len(weights):
+                raise ConfigError("quantizer='lsq' needs the output channels of every weight")
+            self.act_log_step = nn.Parameter(torch.zeros(k, device=device))
+            self.weight_log_steps = nn.ParameterList(
+                [nn.Parameter(torch.zeros(k, c, device=device)) for c in channels]
+            )
 
     def extra_repr(self) -> str:
-        return f"weights={[p if not m else f'{m}.{p}' for m, p in self.weights]}, " + (
+        text = f"weights={[p if not m else f'{m}.{p}' for m, p in self.weights]}, " + (
             f"num_inputs={self.num_inputs}, momentum={self.momentum}"
         )
+        if self.weight_grid != self._ctx.qbits:
+            text += f", weight_grid={self.weight_grid}"
+        if self.act_grid != self._ctx.qbits:
+            text += f", act_grid={self.act_grid}"
+        return text + (", quantizer='lsq'" if self.lsq else "")
 
     # --- state -----------------------------------------------------------------------
     def _load_from_state_dict(self, *args, **kwargs) -> None:
@@ -324,22 +620,87 @@ class LayerQuantizer(nn.Module):
                 self._kind_cache[index] = kind
         return kind
 
-    def scale(self, index: int, bits: int | None = None) -> tuple[torch.Tensor, bool]:
-        """``(scale, signed)`` of the input quantizer of bit-width number ``index``.
-
-        ``bits`` sets the grid (default: that bit-width); the observed range is the same.
-        """
+    def _signed(self, index: int) -> bool:
+        """Whether row ``index`` uses the signed grid; raises if it has never seen data."""
         kind = self._kind(index)
         if kind == _UNSEEN:
             raise NotCalibratedError(
                 f"the {self._ctx.qbits[index]}-bit observers have never seen data; run a "
                 "training-mode forward at that bit-width or wrapper.calibrate(batches) first"
             )
-        signed = kind == _SIGNED
-        bits = self._ctx.qbits[index] if bits is None else bits
+        return kind == _SIGNED
+
+    def scale(self, index: int, bits: int | None = None) -> tuple[torch.Tensor, bool]:
+        """``(scale, signed)`` of the input quantizer of bit-width number ``index``.
+
+        ``bits`` sets the grid (default: that row's ``act_grid``); the observed range is
+        the same. With ``quantizer="lsq"`` the scale is the learned step size of the row
+        (detached, float32), whatever ``bits``.
+        """
+        signed = self._signed(index)
+        if self.lsq:
+            return lsq_step(self.act_log_step[index]).detach().float(), signed
+        bits = self.act_grid[index] if bits is None else bits
         return activation_scale(self.act_min[index], self.act_max[index], bits, signed), signed
 
-    def observe(self, x: torch.Tensor, index: int) -> None:
+    def input_grid(self, index: int) -> int:
+        """The grid of row ``index``'s inputs: ``act_grid[index]``, raised to the input
+        floor (``BitContext.input_bits``) for a layer seen reading the model's input."""
+        grid, floor = self.act_grid[index], self._ctx.input_bits
+        return max(grid, floor) if floor is not None and self.reads_input else grid
+
+    # --- learned step sizes --------------------------------------------------------------
+    def _act_step(self, index: int) -> torch.Tensor:
+        # a copy of the row (not a view of the parameter), so that initialising another
+        # row in place later in the same graph leaves this row's saved tensors valid
+        return lsq_step(self.act_log_step[index].clone())
+
+    def _weight_step(self, index: int, slot: int) -> torch.Tensor:
+        return lsq_step(self.weight_log_steps[slot][index].clone())
+
+    @torch.no_grad()
+    def step_from_observer(self, index: int, bits: int | None = None) -> None:
+        """Set the input step size of row ``index`` to the observer's scale on the
+        ``bits``-bit grid (default: [`input_grid`][triqdef.quant.LayerQuantizer.input_grid]);
+        nothing for a row that has seen no data or for ``quantizer="minmax"``."""
+        if not self.lsq or self._kind(index) == _UNSEEN:
+            return
+        grid = self.input_grid(index) if bits is None else bits
+        signed = self._kind(index) == _SIGNED
+        scale = activation_scale(self.act_min[index], self.act_max[index], min(grid, 31), signed)
+        self.act_log_step[index] = scale.log().to(self.act_log_step.dtype)
+
+    @torch.no_grad()
+    def _init_weight_steps(self, module: nn.Module, index: int) -> None:
+        """Set the weight step sizes of row ``index`` to the current weights' min/max scales."""
+        bits = self.weight_grid[index]
+        if bits >= 32:
+            return
+        for slot, (path, name) in enumerate(self.weights):
+            w = _weight_value(module.get_submodule(path) if path else module, name)
+            steps = self.weight_log_steps[slot]
+            steps[index] = weight_scale(w, bits).log().to(steps.dtype)
+
+    def quantize_weight(self, w: torch.Tensor, index: int, slot: int = 0) -> torch.Tensor:
+        """Fake-quantize weight number ``slot`` (of ``weights``) for row ``index`` on its
+        ``weight_grid`` (unchanged at 32): the learned steps with ``quantizer="lsq"`` once
+        the row has seen data, else the min/max per-channel scale."""
+        bits = self.weight_grid[index]
+        if bits >= 32:
+            return w
+        if self.lsq and self._kind(index) != _UNSEEN:
+            return lsq_fake_quantize(w, self._weight_step(index, slot), bits, True, axis=0)
+        return fake_quantize_weight(w, bits)
+
+    def weight_scales(self, w: torch.Tensor, index: int, slot: int = 0) -> torch.Tensor:
+        """The ``(C_out,)`` float32 scales that
+        [`quantize_weight`][triqdef.quant.LayerQuantizer.quantize_weight] uses for ``w`` at
+        row ``index`` (``weight = codes * scale``); its grid must be below 32 bits."""
+        if self.lsq and self._kind(index) != _UNSEEN:
+            return self._weight_step(index, slot).detach().float()
+        return weight_scale(w, self.weight_grid[index])
+
+    def observe(self, x: torch.Tensor, index: int, bits: int | None = None) -> None:
         """Update the moving-average min/max of bit-width number ``index`` with ``x``.
 
         A batch holding NaN or +-Inf (its minimum or maximum is not finite) is
@@ -347,7 +708,8 @@ class LayerQuantizer(nn.Module):
         value. After the first batch this costs no host synchronisation (the old
         value is selected on the device); the first batch, which decides the grid,
         synchronises once as before and leaves the observer unseen if it is not
-        finite.
+        finite. With ``quantizer="lsq"`` the first finite batch also sets the row's
+        input step size, on the ``bits``-bit grid (default: the row's ``act_grid``).
         """
         with torch.no_grad():
             lo, hi = torch.aminmax(x.detach())
@@ -365,6 +727,8 @@ class LayerQuantizer(nn.Module):
                 self.act_max[index] = hi
                 self.act_kind[index] = kind
                 self._kind_cache[index] = kind
+                if self.lsq:
+                    self.step_from_observer(index, self.act_grid[index] if bits is None else bits)
             else:  # a non-finite batch moves nothing: lerp to the old value is exact
                 old_lo, old_hi = self.act_min[index], self.act_max[index]
                 old_lo.lerp_(torch.where(ok, lo, old_lo), self.momentum)
@@ -375,16 +739,21 @@ class LayerQuantizer(nn.Module):
     ) -> torch.Tensor:
         """Observe (in training mode) and fake-quantize one input tensor.
 
-        ``bits`` sets the grid (default: bit-width number ``index``); at 32 the input
+        ``bits`` sets the grid (default: the row's ``act_grid``); at 32 the input
         is observed but passes unchanged. In training mode, an observer that has
         never seen finite data (its first batches held NaN or Inf) lets ``x`` pass
         unchanged instead of raising.
         """
+        bits = self.act_grid[index] if bits is None else bits
         if training and self._ctx.observe:
-            self.observe(x, index)
+            self.observe(x, index, bits)
             if self._kind(index) == _UNSEEN:  # only a non-finite first batch gets here
                 return x
-        bits = self._ctx.qbits[index] if bits is None else bits
+        if self.lsq:
+            signed = self._signed(index)
+            if bits >= 32:
+                return x
+            return lsq_fake_quantize(x, self._act_step(index), bits, signed)
         scale, signed = self.scale(index, bits)
         if bits >= 32:
             return x
@@ -410,9 +779,9 @@ class LayerQuantizer(nn.Module):
         index = self._ctx.index
         if index is None:
             return None
-        bits = self._ctx.qbits[index]
         inputs = list(args)
-        grid = self._input_grid(inputs, bits)
+        grid = self._input_grid(inputs, self.act_grid[index])
+        fresh = self.lsq and self._kind(index) == _UNSEEN
         done: dict[int, torch.Tensor] = {}  # keeps `key is query` identity for attention
         for i in range(min(self.num_inputs, len(inputs))):
             x = inputs[i]
@@ -420,9 +789,13 @@ class LayerQuantizer(nn.Module):
                 if id(x) not in done:
                     done[id(x)] = self.quantize_input(x, index, module.training, grid)
                 inputs[i] = done[id(x)]
+        if fresh and self._kind(index) != _UNSEEN:  # this row's first data: its weight steps
+            self._init_weight_steps(module, index)
         swapped: list[tuple[dict, str, torch.Tensor]] = []
         self._stash.append(swapped)
-        for path, name in self.weights:
+        if self.weight_grid[index] >= 32:
+            return tuple(inputs), kwargs
+        for slot, (path, name) in enumerate(self.weights):
             owner = module.get_submodule(path) if path else module
             # the parameter dict or the instance dict; `weight_access` checked that the entry
             # is a tensor either way (a parameter is never None here)
@@ -435,7 +808,7 @@ class LayerQuantizer(nn.Module):
                 continue
             w = where[name]
             swapped.append((where, name, w))
-            where[name] = fake_quantize_weight(w, bits)
+            where[name] = self.quantize_weight(w, index, slot)
         return tuple(inputs), kwargs
 
     def post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output):
@@ -445,8 +818,11 @@ class LayerQuantizer(nn.Module):
                 where[name] = w
         return None
 
-    def weight_hook(self, parametrization: nn.Module, args: tuple, output: torch.Tensor):
-        """Forward hook of a parametrized weight's ``ParametrizationList``.
+    def weight_hook(
+        self, parametrization: nn.Module, args: tuple, output: torch.Tensor, *, slot: int = 0
+    ):
+        """Forward hook of a parametrized weight's ``ParametrizationList`` (weight number
+        ``slot`` of ``weights``).
 
         While this layer's forward runs below 32 bits (between ``pre_hook`` and
         ``post_hook``), the weight the parametrization computes is returned
@@ -454,9 +830,9 @@ class LayerQuantizer(nn.Module):
         is left alone.
         """
         index = self._ctx.index
-        if index is None or not self._stash:
+        if index is None or not self._stash or self.weight_grid[index] >= 32:
             return None
-        return fake_quantize_weight(output, self._ctx.qbits[index])
+        return self.quantize_weight(output, index, slot)
 
 
 # --- which layers are quantized ------------------------------------------------------------
@@ -529,17 +905,31 @@ class _Modular(Protocol):
 
 
 class _Snapshot:
-    """Copies of every buffer of a module (observers, BatchNorm statistics) and of its
-    quantizers' host-side observer kinds, restorable in place."""
+    """Copies of every buffer of a module (observers, BatchNorm statistics), of its
+    quantizers' host-side observer kinds and of their learned step sizes, restorable in
+    place. A quantizer's step sizes are written back only if one of its rows was first
+    observed in between (the only time a forward sets them), so a restore after a
+    forward that initialised nothing leaves the parameters (and their autograd
+    versions) alone."""
 
     def __init__(self, module: _Modular) -> None:
         self.saved = [(b, b.clone()) for b in module.buffers()]
         quantizers = [m for m in module.modules() if isinstance(m, LayerQuantizer)]
         self.kinds = [(q, list(q._kind_cache)) for q in quantizers]
+        self.steps = {
+            id(q): [p.detach().clone() for p in (q.act_log_step, *q.weight_log_steps)]
+            for q in quantizers
+            if q.lsq
+        }
 
     def restore(self) -> None:
         with torch.no_grad():
             for b, v in self.saved:
                 b.copy_(v)
+            for q, kinds in self.kinds:
+                if id(q) in self.steps and q._kind_cache != kinds:
+                    params = (q.act_log_step, *q.weight_log_steps)
+                    for p, v in zip(params, self.steps[id(q)]):
+                        p.copy_(v)
         for q, kinds in self.kinds:
             q._kind_cache = kinds

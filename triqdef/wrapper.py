@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -134,6 +134,44 @@ class TriQDefWrapper(MultiBitModel):
             a tensor computed from the input (e.g. normalised) is not affected.
             Honoured by [`export`][triqdef.TriQDefWrapper.export] and
             [`triqdef.save`][triqdef.io.save] / [`triqdef.load`][triqdef.io.load].
+            It composes with ``min_bits`` and ``act_bits`` as one more floor: that
+            layer's input grid is ``max(its activation bit-width, input_bits)``.
+        min_bits: per-layer precision floors, ``{layer name or pattern: bits}``
+            (default ``None``: none). A named layer is never quantized below that
+            bit-width: at the active bit-width ``b`` its weights and inputs run at
+            ``max(b, floor)`` bits (32 bits stays the identity for every layer; a floor
+            of 32 keeps the layer in full precision while it keeps its observers). A
+            name is a module of the model and covers the quantized layers inside it;
+            a key with ``*``, ``?`` or ``[`` is an ``fnmatch`` pattern over the
+            quantized layers' names (``"layer1.*"``); a layer matched twice takes the
+            higher floor. Values are ints in [2, 32], not necessarily in ``bits``: the
+            layer keeps the active bit-width's observer row (it sees the inputs of the
+            model running at ``b``) and reads its scale on the finer grid, as
+            ``input_bits`` does. Resolved to ``{quantized layer: floor}`` in
+            ``wrapper.min_bits``. Honoured by ``export``, ``triqdef.save`` /
+            ``load``, ``triqdef.save_quantized`` and ``triqdef.export_onnx``.
+        act_bits: the bit-width of the layer inputs (activations) when it is not the
+            weights' (default ``None``: the same as the weights, as the paper does).
+            An int is a floor for every layer input: ``act_bits=8`` with
+            ``bits=(32, 8, 4, 2)`` runs W8A8, W4A8 and W2A8. A mapping
+            ``{active bit-width: activation bits}`` sets them one by one, above or
+            below the weights' (``{4: 8}``: W4A8 at 4 bits, every other bit-width as
+            it is; ``{8: 4}``: W8A4). A layer's input grid is then
+            ``max(act_bits at b, its min_bits floor)``, and ``input_bits`` floors the
+            model's own input on top. Observers as for ``min_bits``. Honoured like
+            ``min_bits``.
+        quantizer: ``"minmax"`` (default): scales read off the weights' per-channel
+            maxima and the observers' moving ranges. ``"lsq"``: learned step sizes
+            (LSQ, Esser et al. 2020), one per (layer, bit-width), per output channel
+            for weights (``quantizers[<layer>].weight_log_steps``) and per tensor for
+            inputs (``quantizers[<layer>].act_log_step``); they are parameters of the
+            wrapper (``wrapper.parameters()`` yields them), held as logarithms so that
+            they stay positive and Adam moves them by relative amounts (see
+            [`lsq_step`][triqdef.quant.lsq_step]), trained with LSQ's gradient scale
+            ``1 / sqrt(N * Qp)``, and initialised when a bit-width first sees data from
+            the observer (see [`LayerQuantizer`][triqdef.quant.LayerQuantizer]). Keep
+            them out of weight decay (a decay pulls a log step towards a step of 1).
+            ``export``, ``save_quantized`` and ``export_onnx`` freeze them as scales.
         lambda_cos: weight of the gradient-alignment penalty (GAL/TRS-style, experimental;
             default 0: off, the objective is bit for bit the one without it): the mean
             over pairs of (sampled) active bit-widths of ``|cos|`` between the raw input
@@ -151,10 +189,11 @@ class TriQDefWrapper(MultiBitModel):
 
     Raises:
         ConfigError: an argument is not valid, or a layer to quantize holds its weight
-            in a way the quantizer cannot swap (the message names it); nothing is
-            attached to the model.
-        LayerNotFoundError: a name in ``layers`` or ``exclude`` is not a module of
-            the model.
+            in a way the quantizer cannot swap (the message names it), or a
+            ``min_bits`` name holds no quantized layer; nothing is attached to the model.
+        LayerNotFoundError: a name in ``layers``, ``exclude`` or ``min_bits`` is not a
+            module of the model, or a ``min_bits`` pattern matches no quantized layer;
+            the message lists the closest names.
 
     Warns:
         UserWarning: ``lambda_fdp > 0`` but ``layers`` is empty, so FDP is off; the
@@ -169,6 +208,15 @@ class TriQDefWrapper(MultiBitModel):
         ...     logits = w(torch.rand(8, 1, 8, 8))   # training mode: observers update
         >>> logits.shape
         torch.Size([8, 10])
+        >>> w.detach()
+
+        Per-layer precision: the first convolution and the classifier never below 8
+        bits, and 8-bit activations everywhere (W4A8 at 4 bits):
+
+        >>> w = TriQDefWrapper(net, bits=(32, 8, 4), layers=["2"],
+        ...                    min_bits={"0": 8, "4": 8}, act_bits=8)
+        >>> w.min_bits
+        {'0': 8, '4': 8}
         >>> w.detach()
     """
 
@@ -197,6 +245,9 @@ class TriQDefWrapper(MultiBitModel):
         input_bits: int | None = 8,
         lambda_cos: float = 0.0,
         lambda_smooth: float = 0.0,
+        min_bits: Mapping[str, int] | None = None,
+        act_bits: int | Mapping[int, int] | None = None,
+        quantizer: str = "minmax",
     ) -> None:
         bits, layers, exclude = MultiBitModel._check_model_args(
             model, bits, layers, exclude, momentum
@@ -226,6 +277,9 @@ class TriQDefWrapper(MultiBitModel):
             momentum=momentum,
             bn_rows=bn_rows,
             input_bits=input_bits,
+            min_bits=min_bits,
+            act_bits=act_bits,
+            quantizer=quantizer,
         )
         self._objective = objective
         if isinstance(objective.patch_source, nn.Module):  # a submodule, as it always was
@@ -490,6 +544,9 @@ class TriQDefWrapper(MultiBitModel):
             f"lambda_fdp={self.lambda_fdp}, lambda_gpdp={self.lambda_gpdp}, alpha={self.alpha}, "
             f"beta={self.beta}, rho={self.rho}, pairs={self.pairs!r}, "
             f"penalty_bits={self.penalty_bits}"
+            + (f", min_bits={self.min_bits}" if self.min_bits else "")
+            + (f", act_bits={self.act_bits}" if self.act_bits is not None else "")
+            + (f", quantizer={self.quantizer!r}" if self.quantizer != "minmax" else "")
             + (f", lambda_cos={self.lambda_cos}" if self.lambda_cos else "")
             + (f", lambda_smooth={self.lambda_smooth}" if self.lambda_smooth else "")
             + (", memory_bounded=True" if self.memory_bounded else "")
