@@ -18,6 +18,7 @@ __all__ = [
     "Wrapper",
     "check_values",
     "combine",
+    "dverge_term",
     "feature_sims",
     "needs_input_grad",
     "needs_raw_grad",
@@ -124,6 +125,79 @@ def feature_sims(f_desc, partners=None, alpha=0.5, beta=1.0) -> list[Tensor]:
     return out
 
 
+# --- DVERGE: cross-bit distilled-feature training (an option, off by default) ---------------
+DVERGE_EPS, DVERGE_STEP, DVERGE_STEPS = 0.07, 0.007, 10  # Yang et al. (2020), CIFAR-10
+
+
+@contextlib.contextmanager
+def _bn_eval(w: Wrapper) -> Iterator[None]:
+    """BatchNorm layers in eval mode inside the block (their statistics are only read)."""
+    bns = [m for m in w.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    modes = [m.training for m in bns]
+    try:
+        for m in bns:
+            m.train(False)
+        yield
+    finally:
+        for m, mode in zip(bns, modes):
+            m.train(mode)
+
+
+def _distill(w: Wrapper, bits: int, layer: str, x: Tensor, x_s: Tensor) -> Tensor:
+    """DVERGE's feature distillation at ``bits``: ``z`` within ``DVERGE_EPS`` (L-inf) of
+    ``x_s`` whose ``layer`` features match those of ``x``, by ``DVERGE_STEPS`` signed
+    gradient steps from ``x_s``. The caller freezes observers and BatchNorm statistics;
+    the model's parameters get no gradient. Returns ``z`` detached, shape of ``x``."""
+    n = x.shape[0]
+    with torch.enable_grad(), w.at_bits(bits):
+        with torch.no_grad(), w.capture_features() as feats, w.mixed_batch(n, n):
+            w.model(x)
+        target = feats[layer].detach()
+        z = x_s.detach().clone()
+        for _ in range(DVERGE_STEPS):
+            z.requires_grad_(True)
+            with w.capture_features() as feats, w.mixed_batch(n, n):
+                w.model(z)
+            dist = (feats[layer] - target).pow(2).sum()
+            (g,) = torch.autograd.grad(dist, z)
+            z = z.detach() - DVERGE_STEP * g.sign()
+            z = torch.min(torch.max(z, x_s - DVERGE_EPS), x_s + DVERGE_EPS).clamp(0, 1)
+    return z.detach()
+
+
+def dverge_term(w: Wrapper, sample: tuple[int, ...], x: Tensor, y: Tensor) -> Tensor:
+    """DVERGE's vulnerability-diversity loss across the bit-widths of ``sample``.
+
+    Each image ``x[k]`` is paired with another one of the batch, ``x_s = x[k + 1]``
+    (label ``y_s``); for each bit-width ``i`` of the sample, ``z_i`` looks like ``x_s``
+    but has the features of ``x[k]`` at ``i`` (at one tapped layer, drawn per call).
+    Every other bit-width ``j`` is trained to classify ``z_i`` as ``y_s``, so that a
+    feature bit-width ``i`` is fooled by does not fool ``j``. The mean cross-entropy over
+    the ordered pairs ``(i, j)``. ``x`` (B, C, H, W) are clean images in [0, 1], ``y``
+    (B,) their labels; needs ``B >= 2``, two bit-widths in ``sample`` and tapped layers.
+
+    The term only reads observers and BatchNorm statistics (BatchNorm runs in eval mode
+    for its forwards): the distilled images never enter the running estimates.
+    """
+    layer = w.layers[int(torch.randint(len(w.layers), (), device="cpu"))]
+    x, x_s, y_s = x.detach(), x.detach().roll(-1, 0), y.roll(-1, 0)
+    losses = []
+    n = x.shape[0]
+    with w.frozen_observers(), _bn_eval(w):
+        for i in sample:
+            z = _distill(w, i, layer, x, x_s)
+            for j in sample:
+                if j != i:
+                    with w.at_bits(j), w.mixed_batch(n, n):
+                        losses.append(F.cross_entropy(w.model(z), y_s))
+    return torch.stack(losses).mean()
+
+
+def uses_dverge(o, w: Wrapper, n_clean: int, k: int) -> bool:
+    """DVERGE runs when weighted, with tapped layers, two clean rows and two bit-widths."""
+    return o.lambda_dverge != 0 and bool(w.layers) and n_clean >= 2 and k >= 2
+
+
 def needs_raw_grad(o) -> bool:
     """The gradient-diversity terms (GAL/TRS-style) read the raw input gradient."""
     return o.lambda_cos != 0 or o.lambda_smooth != 0
@@ -148,9 +222,11 @@ def scaled(value: Tensor, factor: float | None) -> Tensor:
     return value if factor is None else value * factor
 
 
-def combine(o, w, bits, sample, ce_clean, ce_adv, f_desc, g_desc, g_raw, n_adv) -> Tensor:
+def combine(
+    o, w, bits, sample, ce_clean, ce_adv, f_desc, g_desc, g_raw, n_adv, dverge=None
+) -> Tensor:
     """The total and its terms; ``f_desc`` / ``g_desc`` / ``g_raw`` hold the bit-widths of
-    ``sample``."""
+    ``sample``; ``dverge`` is the DVERGE term when it ran."""
     k = len(sample)
     factor = sum_factor(o, len(bits), k)
     clean = torch.stack(list(ce_clean.values())).mean()
@@ -184,6 +260,9 @@ def combine(o, w, bits, sample, ce_clean, ce_adv, f_desc, g_desc, g_raw, n_adv) 
         smooth = torch.stack([gradient_smoothness(g) for g in g_raw]).mean()
         total = total + o.lambda_smooth * smooth
         terms["smooth"] = smooth
+    if dverge is not None:
+        total = total + o.lambda_dverge * dverge
+        terms["dverge"] = dverge
     for name, sim in sims.items():
         for i in range(k):
             for j in range(i + 1, k):

@@ -3,7 +3,8 @@
 ``L = L_clean + lambda_adv * L_adv + lambda_fdp * L_FDP + lambda_gpdp * L_GPDP``
 over the wrapper's active bit-widths (paper section 3, Algorithms 1 and 2), plus the
 optional GAL/TRS-style gradient-diversity terms ``lambda_cos * L_cos +
-lambda_smooth * L_smooth`` (both 0 by default).
+lambda_smooth * L_smooth`` and the DVERGE-style term ``lambda_dverge * L_dverge`` (all 0
+by default).
 
 The batch: the last ``round(rho * B)`` samples (at least one, and at least one
 left clean when ``0 < rho < 1``) are patched; the other samples stay clean. A
@@ -26,7 +27,7 @@ from torch import Tensor, nn
 
 from ._checks import check_dtype, check_penalty_bits, is_label_dtype, label_dtype_error, model_dtype
 from ._replay import memory_bounded_loss
-from ._terms import Wrapper, combine, needs_input_grad, run_bit
+from ._terms import Wrapper, combine, dverge_term, needs_input_grad, run_bit, uses_dverge
 from .errors import ConfigError, InputError
 from .losses import PAIR_MODES, DescriptorConfig
 from .patches import PatchSource, RandomPatch, apply_patch
@@ -64,6 +65,8 @@ class TriQDefObjective:
             (``None``: all of them).
         lambda_cos: weight of the gradient-alignment penalty.
         lambda_smooth: weight of the TRS smoothness term.
+        lambda_dverge: weight of the DVERGE-style cross-bit distilled-feature term (needs
+            tapped layers; not with ``memory_bounded``).
 
     Attributes:
         last_terms: the terms of the last call, as detached tensors (the keys of
@@ -91,6 +94,7 @@ class TriQDefObjective:
         penalty_bits: int | None = 2,
         lambda_cos: float = 0.0,
         lambda_smooth: float = 0.0,
+        lambda_dverge: float = 0.0,
     ) -> None:
         weights = dict(
             lambda_adv=lambda_adv,
@@ -98,6 +102,7 @@ class TriQDefObjective:
             lambda_gpdp=lambda_gpdp,
             lambda_cos=lambda_cos,
             lambda_smooth=lambda_smooth,
+            lambda_dverge=lambda_dverge,
             alpha=alpha,
             beta=beta,
         )
@@ -116,11 +121,18 @@ class TriQDefObjective:
             )
         if descriptor is not None and not isinstance(descriptor, DescriptorConfig):
             raise ConfigError(f"descriptor must be a DescriptorConfig, got {descriptor!r}")
+        if lambda_dverge != 0 and memory_bounded:
+            raise ConfigError(
+                "lambda_dverge > 0 is not supported with memory_bounded=True (the DVERGE "
+                "term distils features at each bit-width of the sample in one pass); use "
+                "one of them"
+            )
         self._penalty_bits = check_penalty_bits(penalty_bits)
         self.lambda_adv, self.lambda_fdp = float(lambda_adv), float(lambda_fdp)
         self.lambda_gpdp, self.alpha, self.beta = float(lambda_gpdp), float(alpha), float(beta)
         self.rho, self.pairs = float(rho), pairs
         self.lambda_cos, self.lambda_smooth = float(lambda_cos), float(lambda_smooth)
+        self.lambda_dverge = float(lambda_dverge)
         self.patch_source = RandomPatch() if patch_source is None else patch_source
         self.memory_bounded, self.check_finite = bool(memory_bounded), bool(check_finite)
         self.descriptor = descriptor or DescriptorConfig()
@@ -288,7 +300,7 @@ def _uses_sample(o: TriQDefObjective, w: Wrapper) -> bool:
     """Some term is computed over the penalty_bits sample (so drawing one matters): FDP with
     tapped layers, GPDP, ``lambda_cos``, ``lambda_smooth`` (not e.g. the QAT and multi-bit
     baselines)."""
-    return bool(o.lambda_fdp != 0 and w.layers) or needs_input_grad(o)
+    return bool((o.lambda_fdp != 0 or o.lambda_dverge != 0) and w.layers) or needs_input_grad(o)
 
 
 def _draw_penalty_bits(o: TriQDefObjective, bits: tuple[int, ...]) -> tuple[int, ...]:
@@ -334,5 +346,8 @@ def _exact(o, w, bits, sample, x, x_mixed, y_mixed, n_clean, value_only=False) -
                 g_desc.append(gd)
                 g_raw.append(gr)
         n_adv = x_mixed.shape[0] - n_clean
-        total = combine(o, w, bits, sample, ce_clean, ce_adv, f_desc, g_desc, g_raw, n_adv)
+        dverge = None
+        if uses_dverge(o, w, n_clean, len(sample)):
+            dverge = dverge_term(w, sample, x_mixed[:n_clean], y_mixed[:n_clean])
+        total = combine(o, w, bits, sample, ce_clean, ce_adv, f_desc, g_desc, g_raw, n_adv, dverge)
     return total.detach() if value_only else total

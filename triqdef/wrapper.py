@@ -186,6 +186,15 @@ class TriQDefWrapper(MultiBitModel):
             untrained ``SmallCNN(width=16)`` on Fashion-MNIST (cross-entropy about 2.5
             per term), about 0.7 to 1.4 over the first 300 Adam steps (see
             docs/objective.md). Independent of ``pairs``.
+        lambda_dverge: weight of a DVERGE-style term (Yang et al., 2020; experimental;
+            default 0: off). Per call, one tapped layer is drawn; for each bit-width
+            ``i`` of the ``penalty_bits`` sample, the clean rows' paired images
+            ``x_s = x.roll(-1)`` are moved within 0.07 (L-inf, 10 signed steps of
+            0.007) until their features at ``i`` match those of ``x``, and every other
+            sampled bit-width is trained to give them ``x_s``'s label (mean
+            cross-entropy over the ordered pairs). Observers and BatchNorm statistics are
+            only read. Needs ``layers``; not with ``memory_bounded``. Costs about ten
+            forward/backward passes of the clean rows per sampled bit-width.
 
     Raises:
         ConfigError: an argument is not valid, or a layer to quantize holds its weight
@@ -245,6 +254,7 @@ class TriQDefWrapper(MultiBitModel):
         input_bits: int | None = 8,
         lambda_cos: float = 0.0,
         lambda_smooth: float = 0.0,
+        lambda_dverge: float = 0.0,
         min_bits: Mapping[str, int] | None = None,
         act_bits: int | Mapping[int, int] | None = None,
         quantizer: str = "minmax",
@@ -267,7 +277,13 @@ class TriQDefWrapper(MultiBitModel):
             penalty_bits=penalty_bits,
             lambda_cos=lambda_cos,
             lambda_smooth=lambda_smooth,
+            lambda_dverge=lambda_dverge,
         )
+        if objective.lambda_dverge > 0 and not layers:
+            raise ConfigError(
+                f"lambda_dverge={lambda_dverge} needs tapped layers (it distils the features "
+                "of one of them): pass layers=[...], e.g. the outputs of the model's blocks"
+            )
         super().__init__(
             model,
             bits,
@@ -293,6 +309,7 @@ class TriQDefWrapper(MultiBitModel):
     lambda_gpdp = _setting("lambda_gpdp")
     lambda_cos = _setting("lambda_cos")
     lambda_smooth = _setting("lambda_smooth")
+    lambda_dverge = _setting("lambda_dverge")
     alpha = _setting("alpha")
     beta = _setting("beta")
     rho = _setting("rho")
@@ -446,7 +463,8 @@ class TriQDefWrapper(MultiBitModel):
         weight 0 cost nothing: no taps, no double backward. With ``lambda_cos`` /
         ``lambda_smooth`` > 0 the loss adds ``lambda_cos * L_cos + lambda_smooth *
         L_smooth`` (GAL/TRS-style gradient diversity, computed from the same input
-        gradients as GPDP).
+        gradients as GPDP), and with ``lambda_dverge`` > 0 ``lambda_dverge * L_dverge``
+        (DVERGE-style cross-bit distilled features, on the clean rows).
 
         With ``memory_bounded=True`` the returned loss's backward re-runs one
         bit-width at a time with the other bit-widths' descriptors detached, which
@@ -549,6 +567,7 @@ class TriQDefWrapper(MultiBitModel):
             + (f", quantizer={self.quantizer!r}" if self.quantizer != "minmax" else "")
             + (f", lambda_cos={self.lambda_cos}" if self.lambda_cos else "")
             + (f", lambda_smooth={self.lambda_smooth}" if self.lambda_smooth else "")
+            + (f", lambda_dverge={self.lambda_dverge}" if self.lambda_dverge else "")
             + (", memory_bounded=True" if self.memory_bounded else "")
             + (", detached" if self._detached else "")
         )
