@@ -17,9 +17,12 @@ The settings (``SETTINGS``): the paper's pair sum instead of the mean (20x the
 penalty at 5 bits), BatchNorm statistics from clean rows only, the raw input quantized
 at the active bit-width (``input_bits=None``), on-the-fly and uniform-noise training
 patches instead of the offline pool, the exact penalty over every pair
-(``penalty_bits=None``; the default samples 2 bit-widths per step), and the TRS/GAL-style
-gradient-diversity penalties (``lambda_cos``, ``lambda_smooth``). PBAT (per bit-width and
-on the shared backbone) runs beside them as the baseline to beat.
+(``penalty_bits=None``; the default samples 2 bit-widths per step), the TRS/GAL-style
+gradient-diversity penalties (``lambda_cos``, ``lambda_smooth``), learned step sizes
+(``quantizer="lsq"``) and the DVERGE-style term (``lambda_dverge``). PBAT (per bit-width and
+on the shared backbone) runs beside them as the baseline to beat. ``--attacks`` picks the
+threat's attacks as for ``triqdef reproduce`` (default ``lavan gap``); ``--summarize``
+shows the attacks each file holds.
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ from pathlib import Path
 import torch
 
 import triqdef.reproduce as R
+
+#: column titles of the attacks (the others are upper-cased)
+TITLES = {"patchattack": "PatchAttack"}
 
 #: label -> (method, TriQDefWrapper keywords, training patches)
 SETTINGS: dict[str, tuple[str, dict, str]] = {
@@ -53,6 +59,8 @@ SETTINGS: dict[str, tuple[str, dict, str]] = {
     # clean + adv at initialisation (docs/objective.md)
     "triqdef[trs]": ("triqdef", {"lambda_cos": 1.0, "lambda_smooth": 0.5}, "pool"),
     "triqdef[cos]": ("triqdef", {"lambda_cos": 1.0}, "pool"),
+    "triqdef[quantizer=lsq]": ("triqdef", {"quantizer": "lsq"}, "pool"),
+    "triqdef[dverge]": ("triqdef", {"lambda_dverge": 1.0}, "pool"),
 }
 
 
@@ -63,12 +71,12 @@ def compact(results: dict) -> str:
     with its change relative to ``multibit`` in brackets."""
     runs = results["runs"]
     labels = list(dict.fromkeys(m for r in runs for m in r["transfer"]))
-    cols = [(a, c) for a in R.ATTACKS for c in R.CONDITIONS]
+    cols = [(a, c) for a in R.attacks_in(results) for c in R.CONDITIONS]
 
     def per_seed(label, attack, cond):
         vals = []
         for r in runs:
-            if label not in r["transfer"]:
+            if cond not in r["transfer"].get(label, {}).get(attack, {}):
                 continue
             off = R.off_diagonal(r["transfer"][label][attack][cond], cond)
             off = [v for v in off if v is not None]
@@ -100,7 +108,7 @@ def compact(results: dict) -> str:
         return vals
 
     head = ["setting", "clean (mean over bits)", "clean, as trained", "input-grad cosine"]
-    head += [f"{a.upper()} {c}" for a, c in cols]
+    head += [f"{TITLES.get(a, a.upper())} {c}" for a, c in cols]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for label in labels:
         cos = grad_cos(label)
@@ -127,11 +135,11 @@ def ratios(results: dict) -> str:
         "|---|---|---|---|---|---|",
     ]
     for label in labels:
-        for attack in R.ATTACKS:
+        for attack in R.attacks_in(results):
             for cond in ("unseen-size", "unseen-region"):
                 direct, cross = [], []
                 for r in runs:
-                    if label not in r["transfer"]:
+                    if cond not in r["transfer"].get(label, {}).get(attack, {}):
                         continue
                     m = r["transfer"][label][attack][cond]
                     d = [v for v in R.diagonal(m) if v is not None]
@@ -191,6 +199,14 @@ def main(argv=None) -> dict:
         choices=list(SETTINGS),
         metavar="LABEL",
         help="run these settings only (default: all)",
+    )
+    p.add_argument(
+        "--attacks",
+        nargs="+",
+        default=None,
+        choices=[*R.ATTACKS, "all"],
+        metavar="ATTACK",
+        help="attacks of the threat, as for triqdef reproduce (default: lavan gap)",
     )
     p.add_argument("--split", default="val", choices=["val", "test"])
     p.add_argument("--out", default="runs/sweep")

@@ -41,3 +41,30 @@ def test_gpu_benchmark_runs_every_row_on_cpu(gpu_bench, tmp_path):
     assert full["snapshot_s"] > 0 and full["buffers"] > 0
     saved = json.loads(out.read_text())
     assert saved["device"].startswith("CPU") and len(saved["results"]) == len(rows)
+
+
+@pytest.fixture(scope="module")
+def attacks_bench():
+    path = SCRIPT.parent / "attacks.py"
+    spec = importlib.util.spec_from_file_location("bench_attacks", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_attacks_benchmark_has_dpr_and_patchattack_rows(attacks_bench, capsys):
+    argv = ["--skip-art", "--batch", "2", "--iters", "1", "--repeats", "1"]
+    argv += ["--lavan-batch", "2", "--lavan-steps", "1", "--patch-batch", "3"]
+    rows = attacks_bench.main([*argv, "--patch-queries", "5"])
+    assert [(r["attack"], r["model"]) for r in rows] == [
+        ("lavan", "smallcnn 28x28"),
+        ("lavan", "resnet20 32x32"),
+        ("dpr", "smallcnn 28x28"),
+        ("patchattack", "smallcnn 28x28"),
+    ]
+    assert all(r["images_per_s"] > 0 for r in rows)
+    (pa,) = [r for r in rows if r["attack"] == "patchattack"]
+    # the clean query and at least one batch of actions, never past the budget
+    assert pa["query_budget"] == 5 and 2 <= pa["queries_per_image"] <= 5
+    out = capsys.readouterr().out
+    assert "(3) DPR throughput" in out and "(4) PatchAttack throughput" in out

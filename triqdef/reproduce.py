@@ -1,7 +1,8 @@
 """The reproduction: does TriQDef stop adversarial patches from transferring across bit-widths?
 
 Trains every method of [`triqdef.baselines`][triqdef.baselines] side by side on one
-dataset, then measures, for each method and each attack (LAVAN, GAP), the full
+dataset, then measures, for each method and each attack (``--attacks``; default LAVAN
+and GAP, see [`ATTACKS`][triqdef.reproduce.ATTACKS]), the full
 **source x target transfer matrix**
 ([`transfer_matrix`][triqdef.evaluate.transfer_matrix]): a patch crafted on the model
 at the source bit-width, applied at every target bit-width, next to the noise floor
@@ -29,6 +30,7 @@ attack and condition to ``--out``.
     triqdef reproduce                        # small default size (2 CPU cores)
     triqdef reproduce --full --seeds 0       # the real experiment, ~2 h per seed on a core
     triqdef reproduce --data cifar10 --model resnet20
+    triqdef reproduce --attacks all          # LAVAN, GAP, DPR and PatchAttack
 
 (``python examples/reproduce.py`` and ``python -m triqdef reproduce`` take the same
 options.) ``--data``: ``fashion-mnist`` (Debian's dataset-fashion-mnist or
@@ -36,7 +38,9 @@ torchvision's root), ``cifar10`` (torchvision, downloaded when online), ``digits
 (scikit-learn, always offline), ``auto`` (the first that works, in that order, saying
 which). ``--split val`` evaluates on a validation split carved from the training
 files (what ``examples/sweep.py`` chooses defaults on); the default ``test``
-evaluates on the test files.
+evaluates on the test files. ``--attacks`` picks the attacks of the threat (default
+``lavan gap``, the attacks of the published figures; ``dpr``, ``patchattack`` or
+``all`` add the others, each measured in every condition like LAVAN).
 
 The data come from [`triqdef.data`][triqdef.data]; training reads them through a
 `torch.utils.data.DataLoader` whose sampler draws one permutation per epoch from a
@@ -58,13 +62,21 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 import triqdef
-from triqdef.attacks import LAVAN, AdversarialPatch, OnTheFlyPatch, PatchPool, RandomPatch
+from triqdef.attacks import (
+    DPR,
+    LAVAN,
+    AdversarialPatch,
+    OnTheFlyPatch,
+    PatchAttack,
+    PatchPool,
+    RandomPatch,
+)
 from triqdef.baselines import METHODS, PER_BIT, make_method
 from triqdef.data import cifar10, dataset, find_fashion_mnist
 from triqdef.errors import ConfigError, InputError
@@ -76,6 +88,7 @@ __all__ = [
     "ATTACKS",
     "CONDITIONS",
     "DATA_NAMES",
+    "DEFAULT_ATTACKS",
     "EVAL_BITS",
     "MODELS",
     "POOL_REGIONS",
@@ -86,6 +99,7 @@ __all__ = [
     "Data",
     "Spec",
     "add_arguments",
+    "attacks_in",
     "build_method",
     "build_parser",
     "build_pool",
@@ -96,6 +110,7 @@ __all__ = [
     "make_model",
     "merge",
     "off_diagonal",
+    "patch_textures",
     "relative",
     "run",
     "run_seed",
@@ -106,8 +121,16 @@ __all__ = [
 
 EVAL_BITS: tuple[int, ...] = (32, 5, 4, 2)
 """The bit-widths every model is evaluated at (sources and targets)."""
-ATTACKS: tuple[str, ...] = ("lavan", "gap")
-"""The attacks measured: LAVAN (per-image patches) and GAP (one universal patch)."""
+ATTACKS: tuple[str, ...] = ("lavan", "gap", "dpr", "patchattack")
+"""Values of ``--attacks``, in the order a run measures them: LAVAN (per-image patches),
+GAP (one universal patch), DPR (per-image shape-deformable patches: LAVAN's steps and
+step size, the area of the condition's square) and PatchAttack (black-box: the size's
+``patch_queries`` model evaluations per image, textures fitted once per seed by
+[`patch_textures`][triqdef.reproduce.patch_textures])."""
+DEFAULT_ATTACKS: tuple[str, ...] = ("lavan", "gap")
+"""The attacks measured when ``--attacks`` is not given: those of the published figures
+and of the default run's duration."""
+_TITLES = {"lavan": "LAVAN", "gap": "GAP", "dpr": "DPR", "patchattack": "PatchAttack"}
 CONDITIONS: tuple[str, ...] = ("seen", "unseen-bits", "unseen-size", "unseen-region", "blackbox")
 """The patch conditions of each transfer measurement (see the module's description)."""
 POOL_REGIONS: tuple[str, ...] = ("top", "left")
@@ -137,6 +160,7 @@ SIZES: dict[str, dict[str, Any]] = {
         lavan_steps=2,
         gap_steps=2,
         pbat_steps=1,
+        patch_queries=10,
         pool_sizes=(6, 8),
         seen=8,
         unseen=10,
@@ -153,6 +177,7 @@ SIZES: dict[str, dict[str, Any]] = {
         lavan_steps=30,
         gap_steps=40,
         pbat_steps=5,
+        patch_queries=200,
         pool_sizes=(6, 8),
         seen=8,
         unseen=10,
@@ -171,13 +196,15 @@ SIZES: dict[str, dict[str, Any]] = {
         lavan_steps=50,
         gap_steps=100,
         pbat_steps=10,
+        patch_queries=500,
         pool_sizes=(6, 8),
         seen=8,
         unseen=10,
     ),
 }
 """Training, evaluation and threat budget per size (``--size``; ``--full`` is ``full``);
-patch sides in pixels."""
+patch sides in pixels. ``lavan_steps`` is also DPR's step count; ``patch_queries`` is
+PatchAttack's query budget per image."""
 
 
 @dataclass
@@ -545,12 +572,48 @@ def _bar(total: int, desc: str, enabled: bool) -> Any:
 
 
 # --- evaluation ------------------------------------------------------------------------------
+def patch_textures(data: Data, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """PatchAttack's texture dictionary for one seed, fitted on the training images.
+
+    [`PatchAttack.fit_textures`][triqdef.attacks.patchattack.PatchAttack.fit_textures]
+    with its defaults (8 textures per class, whole images) and clustering seed
+    ``seed + 4000``; it queries no model. [`run_seed`][triqdef.reproduce.run_seed] fits
+    it once per seed and every method, condition and matrix cell uses it.
+
+    Args:
+        data: the run's [`Data`][triqdef.reproduce.Data] (``x_train``, ``y_train`` are read).
+        seed: the run's seed.
+
+    Returns:
+        ``(textures, labels)``: ``(T, C, H, W)`` textures on the device of the images and
+        their ``(T,)`` int64 classes.
+    """
+    fitted = PatchAttack(torch.nn.Identity()).fit_textures(
+        data.x_train, data.y_train, seed=seed + 4000
+    )
+    return cast(torch.Tensor, fitted.textures), cast(torch.Tensor, fitted.texture_labels)
+
+
 def _attack_factory(
-    attack: str, side: int, region: Any, size: dict[str, Any], seed: int, on: Any = None
+    attack: str,
+    side: int,
+    region: Any,
+    size: dict[str, Any],
+    seed: int,
+    on: Any = None,
+    textures: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Any:
     """``make_attack(model, bits)`` for
     [`transfer_matrix`][triqdef.evaluate.transfer_matrix]; ``on`` crafts on another model
-    (the black-box source) whatever model the matrix passes."""
+    (the black-box source) whatever model the matrix passes; ``textures`` is
+    PatchAttack's dictionary ``(textures, labels)``."""
+    if attack not in ATTACKS:
+        raise ConfigError(f"unknown attack {attack!r}; valid names: {', '.join(ATTACKS)}")
+    if attack == "patchattack" and textures is None:
+        raise ConfigError(
+            "the patchattack threat needs its texture dictionary: pass "
+            "textures=patch_textures(data, seed)"
+        )
 
     def make(model: Any, bits: int) -> Any:
         src, b = (on, None) if on is not None else (model, bits)
@@ -564,6 +627,28 @@ def _attack_factory(
                 seed=seed,
                 region=region,
             )
+        if attack == "dpr":  # LAVAN's budget: steps, step size and the square's area
+            return DPR(
+                src,
+                side,
+                bits=b,
+                steps=size["lavan_steps"],
+                step_size=0.1,
+                seed=seed,
+                region=region,
+            )
+        if attack == "patchattack":
+            tex, labels = cast(tuple[torch.Tensor, torch.Tensor], textures)
+            return PatchAttack(
+                src,
+                side,
+                bits=b,
+                queries=size["patch_queries"],
+                textures=tex,
+                texture_labels=labels,
+                seed=seed,
+                region=region,
+            )
         return AdversarialPatch(
             src, side, bits=b, steps=size["gap_steps"], step_size=0.05, seed=seed, region=region
         )
@@ -571,14 +656,39 @@ def _attack_factory(
     return make
 
 
+def _check_attacks(attacks: Sequence[str]) -> None:
+    unknown = [a for a in attacks if a not in ATTACKS]
+    if unknown:
+        raise ConfigError(f"unknown attack {unknown[0]!r}; valid names: {', '.join(ATTACKS)}")
+    if not attacks:
+        raise ConfigError(f"no attack to measure: name at least one of {', '.join(ATTACKS)}")
+
+
 def transfer_rows(
-    target: Any, data: Data, size: dict[str, Any], seed: int, blackbox_model: Any
+    target: Any,
+    data: Data,
+    size: dict[str, Any],
+    seed: int,
+    blackbox_model: Any,
+    attacks: Sequence[str] = DEFAULT_ATTACKS,
+    textures: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """``{attack: {condition: TransferMatrix.to_dict()}}`` for one trained method.
 
     ``target`` is a wrapper (one shared backbone) or ``{bits: wrapper}`` (one model per
-    bit-width). Evaluation patches use seed ``seed + 1000``: never the pool's.
+    bit-width). The attacks run in the order of [`ATTACKS`][triqdef.reproduce.ATTACKS];
+    the patches of condition ``k`` use seed ``seed + 1000 + k`` and its noise floor
+    ``seed + 2000 + k`` whatever the attacks: never the pool's, and the same draws for
+    LAVAN and GAP whichever other attacks run. ``textures`` is PatchAttack's dictionary
+    (default: [`patch_textures`][triqdef.reproduce.patch_textures], fitted here; pass it
+    to fit it once for several methods).
+
+    Raises:
+        ConfigError: no attack, or one that is not in [`ATTACKS`][triqdef.reproduce.ATTACKS].
     """
+    _check_attacks(attacks)
+    if "patchattack" in attacks and textures is None:
+        textures = patch_textures(data, seed)
     sizes = size["pool_sizes"]
     seen_side = size["seen"] if size["seen"] in sizes else max(sizes)
     others = [b for b in EVAL_BITS if b != 32]
@@ -591,11 +701,11 @@ def transfer_rows(
     }
     loader = DataLoader(TensorDataset(data.x_eval, data.y_eval), batch_size=500)
     out: dict = {}
-    for attack in ATTACKS:
+    for attack in (a for a in ATTACKS if a in attacks):
         out[attack] = {}
         for k, cond in enumerate(CONDITIONS):
             side, region, sources, on = settings[cond]
-            make = _attack_factory(attack, side, region, size, seed + 1000 + k, on)
+            make = _attack_factory(attack, side, region, size, seed + 1000 + k, on, textures)
             m = transfer_matrix(
                 target,
                 make,
@@ -671,8 +781,19 @@ def run_seed(
     bn_refresh: bool,
     out: Path | None = None,
     results: dict | None = None,
+    attacks: Sequence[str] = DEFAULT_ATTACKS,
 ) -> dict:
-    """Train the pool and black-box models, then every spec; returns the run's dict."""
+    """Train the pool and black-box models, then every spec; returns the run's dict.
+
+    ``attacks`` (names of [`ATTACKS`][triqdef.reproduce.ATTACKS]) make the threat; with
+    ``patchattack``, its texture dictionary is fitted once here
+    ([`patch_textures`][triqdef.reproduce.patch_textures]) for every spec.
+
+    Raises:
+        ConfigError: no attack, or one that is not in [`ATTACKS`][triqdef.reproduce.ATTACKS]
+            (checked before any training).
+    """
+    _check_attacks(attacks)
     channels = data.x_train.shape[1]
     calib = [data.x_calib[i : i + 128] for i in range(0, len(data.x_calib), 128)]
     steps_per_epoch = math.ceil(len(data.x_train) / size["batch"])
@@ -701,6 +822,8 @@ def run_seed(
     if out is not None:
         pool.save(out / f"pool-seed{seed}.safetensors")
     blackbox = fit_fp(seed + 7919)
+    textures = patch_textures(data, seed) if "patchattack" in attacks else None
+    shown = next(a for a in ATTACKS if a in attacks)  # the attack the progress line shows
 
     run: dict[str, Any] = {
         "seed": seed,
@@ -759,7 +882,9 @@ def run_seed(
         run["clean"][spec.label] = run["clean_refreshed" if bn_refresh else "clean_as_trained"][
             spec.label
         ]
-        run["transfer"][spec.label] = transfer_rows(deployed, data, size, seed, blackbox)
+        run["transfer"][spec.label] = transfer_rows(
+            deployed, data, size, seed, blackbox, attacks, textures
+        )
         run["train_s"][spec.label] = seconds
         if not per_bit:  # how alike the bit-widths' input gradients and features are
             g = torch.Generator().manual_seed(seed + 3000)
@@ -773,10 +898,10 @@ def run_seed(
                 seed=seed + 3000,
             )
             run.setdefault("alignment", {})[spec.label] = report.to_dict()
-        head = headline(run, spec.label)
+        head = headline(run, spec.label, shown)
         print(
             f"  [seed {seed}] {spec.label:<28} clean {run['clean'][spec.label]}  "
-            f"LAVAN seen transfer {head}  ({seconds:.0f} s)",
+            f"{_TITLES[shown]} seen transfer {head}  ({seconds:.0f} s)",
             flush=True,
         )
         if results is not None and out is not None:
@@ -826,9 +951,9 @@ def parse_kwargs(items: Sequence[str]) -> dict[str, Any]:
         if value.lower() == "none":
             out[key] = None
             continue
-        for cast in (int, float):
+        for kind in (int, float):
             try:
-                out[key] = cast(value)
+                out[key] = kind(value)
                 break
             except ValueError:
                 continue
@@ -864,6 +989,7 @@ def config(
         "data": data_name,
         "model": args.model,
         "seeds": args.seeds,
+        "attacks": list(_attacks_from(args)),
         "eval_bits": list(EVAL_BITS),
         "pool_regions": list(POOL_REGIONS),
         "unseen_region": UNSEEN_REGION,
@@ -928,6 +1054,18 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="training patches of the TriQDef methods (default: the offline pool)",
     )
     p.add_argument(
+        "--attacks",
+        nargs="+",
+        default=None,
+        choices=[*ATTACKS, "all"],
+        metavar="ATTACK",
+        help="attacks of the threat, each measured in every condition: lavan, gap, dpr "
+        "(LAVAN's steps, shape-deformable at the same area), patchattack (black-box, the "
+        "size's query budget per image: smoke 10, default 200, full 500), or all "
+        "(default: lavan gap, the attacks of the published figures and of the ~26 min "
+        "default run)",
+    )
+    p.add_argument(
         "--bn-refresh",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -976,12 +1114,29 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     return add_arguments(p)
 
 
+def _attacks_from(args: argparse.Namespace) -> tuple[str, ...]:
+    """The attacks ``--attacks`` names, in the order of [`ATTACKS`][triqdef.reproduce.ATTACKS]
+    (``all``: every one; not given: [`DEFAULT_ATTACKS`][triqdef.reproduce.DEFAULT_ATTACKS])."""
+    names = getattr(args, "attacks", None)
+    if not names:
+        return DEFAULT_ATTACKS
+    if "all" in names:
+        return ATTACKS
+    unknown = [a for a in names if a not in ATTACKS]
+    if unknown:
+        raise ConfigError(
+            f"--attacks {unknown[0]}: unknown attack; valid names: {', '.join(ATTACKS)}, all"
+        )
+    return tuple(a for a in ATTACKS if a in names)
+
+
 def _check_args(args: argparse.Namespace) -> None:
     """Checks made before anything runs; ConfigError/InputError name the option."""
     for opt in ("epochs", "train_size", "test_size"):
         value = getattr(args, opt)
         if value is not None and value < 1:
             raise ConfigError(f"--{opt.replace('_', '-')} must be >= 1, got {value}")
+    _attacks_from(args)
     for path in args.merge or ():
         if not Path(path).is_file():
             raise InputError(f"--merge {path}: no such file; pass results.json files")
@@ -1038,7 +1193,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def run(specs: list[Spec], size: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    """Train and evaluate ``specs`` for every seed of ``args``; writes ``args.out``."""
+    """Train and evaluate ``specs`` for every seed of ``args``; writes ``args.out``.
+
+    ``args.attacks`` (absent or ``None``: [`DEFAULT_ATTACKS`][triqdef.reproduce.DEFAULT_ATTACKS])
+    names the threat's attacks, as ``--attacks`` does.
+    """
+    attacks = _attacks_from(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.monotonic()
@@ -1061,6 +1221,7 @@ def run(specs: list[Spec], size: dict[str, Any], args: argparse.Namespace) -> di
             args.bn_refresh,
             out,
             results,
+            attacks,
         )
         results["runs"].append(run_)
         write(results, out)
@@ -1130,17 +1291,30 @@ def heatmaps(results: dict[str, Any], out: Path) -> list[Path]:
     paths = []
     labels = list(dict.fromkeys(m for r in results["runs"] for m in r["transfer"]))
     for label in labels:
-        for attack in ATTACKS:
+        for attack in attacks_in(results):
             for cond in CONDITIONS:
                 ms = [
                     r["transfer"][label][attack][cond]
                     for r in results["runs"]
-                    if label in r["transfer"]
+                    if cond in r["transfer"].get(label, {}).get(attack, {})
                 ]
+                if not ms:
+                    continue
                 path = out / f"transfer-{label}-{attack}-{cond}.png"
-                pooled(ms).heatmap(path, title=f"{label}: {attack.upper()} {cond} ASR (%)")
+                pooled(ms).heatmap(path, title=f"{label}: {_title(attack)} {cond} ASR (%)")
                 paths.append(path)
     return paths
+
+
+def attacks_in(results: dict[str, Any]) -> list[str]:
+    """The attacks measured in ``results``' runs: those of
+    [`ATTACKS`][triqdef.reproduce.ATTACKS] in its order, then any other name found."""
+    found = {a for r in results["runs"] for conds in r["transfer"].values() for a in conds}
+    return [a for a in ATTACKS if a in found] + sorted(found - set(ATTACKS))
+
+
+def _title(attack: str) -> str:
+    return _TITLES.get(attack, attack.upper())
 
 
 def _stat(vals: list[Any]) -> tuple[float, float] | None:
@@ -1183,11 +1357,28 @@ def relative(table: dict[str, Any], label: str, attack: str, cond: str, j: int) 
     """Relative change (a fraction) of ``label``'s seed-mean off-diagonal ASR at target
     index ``j`` against the reference's; ``None`` when either is missing or the reference
     is 0."""
-    mine = _stat([v[j] for v in table[label][attack][cond]["transfer"]])
-    ref = _stat([v[j] for v in table[REFERENCE][attack][cond]["transfer"]])
+
+    def values(name: str) -> list[Any]:
+        cell = table.get(name, {}).get(attack, {}).get(cond)
+        return [] if cell is None else [v[j] for v in cell["transfer"]]
+
+    mine, ref = _stat(values(label)), _stat(values(REFERENCE))
     if mine is None or ref is None or not ref[0]:
         return None
     return (mine[0] - ref[0]) / ref[0]
+
+
+def _threat(attack: str, cfg: dict[str, Any]) -> str:
+    """The threat budget of one attack, as the report states it."""
+    if attack == "lavan":
+        return f"LAVAN {cfg['lavan_steps']} steps"
+    if attack == "gap":
+        return f"GAP {cfg['gap_steps']} steps"
+    if attack == "dpr":
+        return f"DPR {cfg['lavan_steps']} steps (the square's area)"
+    if attack == "patchattack":
+        return f"PatchAttack {cfg.get('patch_queries', 'n/a')} queries per image (black-box)"
+    return _title(attack)
 
 
 def to_markdown(results: dict[str, Any]) -> str:
@@ -1195,6 +1386,8 @@ def to_markdown(results: dict[str, Any]) -> str:
     runs = results["runs"]
     n = len({r["seed"] for r in runs})
     bits = cfg.get("eval_bits", list(EVAL_BITS))
+    attacks = attacks_in(results) or list(cfg.get("attacks", DEFAULT_ATTACKS))
+    threat = ", ".join(_threat(a, cfg) for a in attacks)
     lines = [
         f"# Cross-bit transfer ({cfg['data']}, {cfg['model']}, {cfg.get('split', 'test')} split)",
         "",
@@ -1211,9 +1404,8 @@ def to_markdown(results: dict[str, Any]) -> str:
             else "as trained"
         ),
         f"- pool: {cfg['pool_patches']} LAVAN patches, sizes {cfg['pool_sizes']}, regions "
-        f"{cfg['pool_regions']}, crafted at 32 bits on a full-precision model; threat: LAVAN "
-        f"{cfg['lavan_steps']} steps, GAP {cfg['gap_steps']} steps; unseen size "
-        f"{cfg['unseen']}, unseen region {cfg['unseen_region']}",
+        f"{cfg['pool_regions']}, crafted at 32 bits on a full-precision model; threat: "
+        f"{threat}; unseen size {cfg['unseen']}, unseen region {cfg['unseen_region']}",
         "",
         "## Clean accuracy (%)",
         "",
@@ -1245,7 +1437,7 @@ def to_markdown(results: dict[str, Any]) -> str:
         ]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     table = summary(results)
-    if REFERENCE in table:
+    if "seen" in table.get(REFERENCE, {}).get("lavan", {}):
         ref = table[REFERENCE]["lavan"]["seen"]
         offs = [v for run in ref["transfer"] for v in run if v is not None]
         floors = [v for run in ref["noise"] for v, t in zip(run, bits) if t != 32 and v is not None]
@@ -1258,11 +1450,11 @@ def to_markdown(results: dict[str, Any]) -> str:
                 f"LAVAN ASR is {100 * asr:.1f}% against a noise floor of {100 * floor:.1f}% "
                 f"({'meets' if ok else 'does NOT meet'} the bar: >= 50% and >= 2x the floor).",
             ]
-    for attack in ATTACKS:
+    for attack in attacks:
         for cond in CONDITIONS:
             lines += [
                 "",
-                f"## {attack.upper()}, {cond}: ASR (%) per target bit-width; lower is better",
+                f"## {_title(attack)}, {cond}: ASR (%) per target bit-width; lower is better",
                 "",
                 "| method | "
                 + " | ".join(f"transfer {b}" for b in bits)
@@ -1274,7 +1466,7 @@ def to_markdown(results: dict[str, Any]) -> str:
                 "|---" * (3 * len(bits) + 1) + "|",
             ]
             for label in labels:
-                if attack not in table.get(label, {}):
+                if cond not in table.get(label, {}).get(attack, {}):
                     continue
                 c = table[label][attack][cond]
                 cells = [
@@ -1295,8 +1487,10 @@ def to_markdown(results: dict[str, Any]) -> str:
         for label in labels:
             if label == REFERENCE:
                 continue
-            for attack in ATTACKS:
+            for attack in attacks:
                 for cond in CONDITIONS:
+                    if cond not in table.get(label, {}).get(attack, {}):
+                        continue
                     vals = [relative(table, label, attack, cond, j) for j in range(len(bits))]
                     lines.append(
                         f"| {label} | {attack} | {cond} | "
