@@ -250,3 +250,33 @@ def test_help_lists_the_commands(capsys):
     assert out.startswith("usage: triqdef")
     for command in ("reproduce", "eval", "info"):
         assert command in out
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"quantizer": "lsq"}, {"min_bits": {"block1.0": 8}}, {"act_bits": 8}, {"act_bits": {4: 8}}],
+)
+def test_load_wrapper_and_info_keep_the_precision_options(tmp_path, images, capsys, options):
+    torch.manual_seed(0)
+    w = triqdef.TriQDefWrapper(SmallCNN(width=4), bits=(32, 8, 4), **options)
+    w.calibrate([images[:8]])
+    path = tmp_path / "p.safetensors"
+    triqdef.save(w, path)
+    loaded = cli.load_wrapper(str(path))
+    assert loaded.quantizer == w.quantizer
+    assert loaded.min_bits == w.min_bits and loaded.act_bits == w.act_bits
+    x = images[:4]
+    with torch.no_grad():
+        for b in (8, 4):
+            with w.at_bits(b), loaded.at_bits(b):
+                assert torch.allclose(loaded(x), w.eval()(x), atol=1e-6)
+    cli.main(["info", str(path), "--json"])
+    info = json.loads(capsys.readouterr().out)
+    assert info["quantizer"] == w.quantizer
+    assert info["min_bits"] == dict(w.min_bits)
+    want = (
+        w.act_bits
+        if not isinstance(w.act_bits, dict)
+        else {str(k): v for k, v in w.act_bits.items()}
+    )
+    assert info["act_bits"] == want

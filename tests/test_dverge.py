@@ -91,3 +91,22 @@ def test_refused_with_memory_bounded_and_without_tapped_layers():
         _wrapper(lambda_dverge=-1.0)
     with pytest.raises(ConfigError, match="layers"):
         TriQDefWrapper(small_net(), bits=(32, 4), lambda_dverge=1.0)
+
+
+def test_assignments_after_construction_are_checked_and_keep_the_old_value():
+    w = _wrapper(memory_bounded=True)
+    with pytest.raises(ConfigError, match="memory_bounded"):
+        w.lambda_dverge = 0.5
+    assert w.lambda_dverge == 0.0
+    w2 = TriQDefWrapper(small_net(), bits=(32, 4), lambda_fdp=0.0)
+    with pytest.raises(ConfigError, match="layers"):
+        w2.lambda_dverge = 0.5
+    assert w2.lambda_dverge == 0.0
+    w3 = _wrapper(lambda_dverge=1.0)
+    with pytest.raises(ConfigError, match="memory_bounded"):
+        w3.memory_bounded = True
+    assert w3.memory_bounded is False
+    for name in ("lambda_dverge", "lambda_fdp", "alpha"):
+        with pytest.raises(ConfigError, match="finite"):
+            setattr(w3, name, float("nan"))
+    assert w3.lambda_dverge == 1.0 and w3.lambda_fdp == 0.8

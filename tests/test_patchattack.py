@@ -445,3 +445,13 @@ def test_repr_names_the_budget():
     tex, labels = tiny_textures()
     text = repr(PatchAttack(tiny_net(), 3, queries=77, textures=tex, texture_labels=labels))
     assert "queries=77" in text and "textures=(6, 1, 5, 5)" in text
+
+
+def test_targeted_attack_refuses_textures_without_the_target_class_before_searching():
+    g = torch.Generator().manual_seed(0)
+    attack = PatchAttack(tiny_net(), 3, queries=21, rl_batch=5, seed=0, targeted=True, target=2)
+    attack.fit_textures(torch.rand(30, 1, 8, 8, generator=g), torch.arange(30) % 2)
+    x = torch.rand(4, 1, 8, 8, generator=g)
+    with pytest.raises(InputError, match="target class 2"):
+        attack(x, torch.tensor([0, 1, 0, 1]))
+    assert attack.patch is None

@@ -35,7 +35,7 @@ from triqdef.attacks import LAVAN, REGIONS, AdversarialPatch
 from triqdef.data import DATASET_NAMES, dataset
 from triqdef.errors import CheckpointError, ConfigError, InputError, TriQDefError
 from triqdef.evaluate import TransferMatrix, transfer_matrix
-from triqdef.io import FORMAT_VERSION, load
+from triqdef.io import FORMAT_VERSION, _act_bits_from_json, load
 from triqdef.models import SmallCNN, resnet20, resnet56
 from triqdef.reproduce import MODELS
 from triqdef.wrapper import TriQDefWrapper
@@ -128,6 +128,9 @@ def checkpoint_info(path: str) -> dict[str, Any]:
         "exclude": _field(meta, "exclude", path),
         "per_bit_bn": _field(meta, "per_bit_bn", path),
         "input_bits": _field(meta, "input_bits", path),
+        "min_bits": _field(meta, "min_bits", path) or {},
+        "act_bits": _act_bits_from_json(_field(meta, "act_bits", path), Path(path)),
+        "quantizer": _field(meta, "quantizer", path) or "minmax",
         "quantized_layers": sum(
             k.startswith("quantizers.") and k.endswith(".act_kind") for k in tensors
         ),
@@ -164,6 +167,15 @@ def _format_info(info: dict[str, Any]) -> str:
             "input bits",
             "as the active bit-width" if info["input_bits"] is None else str(info["input_bits"]),
         ),
+        (
+            "min_bits",
+            seq([f"{k}: {v}" for k, v in sorted(info["min_bits"].items())]),
+        ),
+        (
+            "act_bits",
+            "as the weights" if info["act_bits"] is None else str(info["act_bits"]),
+        ),
+        ("quantizer", info["quantizer"]),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
@@ -241,13 +253,18 @@ def load_wrapper(path: str, model: str | None = None) -> TriQDefWrapper:
     }
     net = builders[name](**args)
     per_bit_bn = _field(meta, "per_bit_bn", path)
+    layers = _field(meta, "layers", path) or ()
     wrapper = TriQDefWrapper(
         net,
         bits=_field(meta, "bits", path),
-        layers=_field(meta, "layers", path) or (),
+        layers=layers,
         exclude=_field(meta, "exclude", path) or (),
         per_bit_bn=bool(per_bit_bn) if per_bit_bn is not None else True,
         input_bits=_field(meta, "input_bits", path),
+        min_bits=_field(meta, "min_bits", path) or None,
+        act_bits=_act_bits_from_json(_field(meta, "act_bits", path), Path(path)),
+        quantizer=_field(meta, "quantizer", path) or "minmax",
+        lambda_fdp=0.8 if layers else 0.0,  # evaluation only: no FDP warning without taps
     )
     load(wrapper, path)
     return wrapper.eval()

@@ -139,6 +139,37 @@ class TriQDefObjective:
         self.last_terms: dict[str, Tensor] = {}  # the last call's terms, detached tensors
         self._recent: collections.deque | None = None  # recent inputs, for BACT calibration
 
+    _WEIGHTS = frozenset(
+        ("lambda_adv", "lambda_fdp", "lambda_gpdp", "lambda_cos", "lambda_smooth")
+        + ("lambda_dverge", "alpha", "beta")
+    )
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Assignments after construction are checked as the constructor checks them
+        (a refused value raises [`ConfigError`][triqdef.errors.ConfigError] and keeps the
+        old one)."""
+        if name in self._WEIGHTS:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{name} must be a number, got {value!r}")
+            if not math.isfinite(value) or value < 0:
+                raise ConfigError(f"{name} must be finite and >= 0, got {value}")
+            value = float(value)
+        if name == "rho" and (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1
+        ):
+            raise ConfigError(f"rho (patched share of the batch) must be in [0, 1], got {value!r}")
+        if name == "pairs" and value not in PAIR_MODES:
+            raise ConfigError(f"pairs must be one of {PAIR_MODES}, got {value!r}")
+        dverge = value if name == "lambda_dverge" else getattr(self, "lambda_dverge", 0.0)
+        bounded = value if name == "memory_bounded" else getattr(self, "memory_bounded", False)
+        if name in ("lambda_dverge", "memory_bounded") and dverge != 0 and bounded:
+            raise ConfigError(
+                "lambda_dverge > 0 is not supported with memory_bounded=True (the DVERGE "
+                "term distils features at each bit-width of the sample in one pass); use "
+                "one of them"
+            )
+        super().__setattr__(name, value)
+
     @property
     def penalty_bits(self) -> int | None:
         """How many active bit-widths each call samples for the penalties (``None``: all);

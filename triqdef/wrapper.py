@@ -309,7 +309,24 @@ class TriQDefWrapper(MultiBitModel):
     lambda_gpdp = _setting("lambda_gpdp")
     lambda_cos = _setting("lambda_cos")
     lambda_smooth = _setting("lambda_smooth")
-    lambda_dverge = _setting("lambda_dverge")
+
+    @property
+    def lambda_dverge(self) -> float:
+        """The objective's ``lambda_dverge`` (see the constructor); setting a value > 0
+        needs tapped ``layers`` and ``memory_bounded=False``, else
+        [`ConfigError`][triqdef.errors.ConfigError] and the old value is kept."""
+        return self._objective.lambda_dverge
+
+    @lambda_dverge.setter
+    def lambda_dverge(self, value: float) -> None:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            if not self.layers:
+                raise ConfigError(
+                    f"lambda_dverge={value} needs tapped layers (it distils the features of "
+                    "one of them); this wrapper has layers=()"
+                )
+        self._objective.lambda_dverge = value
+
     alpha = _setting("alpha")
     beta = _setting("beta")
     rho = _setting("rho")

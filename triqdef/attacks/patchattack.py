@@ -407,6 +407,13 @@ class PatchAttack(BasePatchAttack):
                 f"labels must be in [0, {k}) (the model has {k} classes), "
                 f"got [{int(lo)}, {int(hi)}]"
             )
+        if self.targeted and self.texture_labels is not None:
+            if not bool(self.texture_labels.eq(self._target_class()).any()):
+                raise InputError(
+                    f"no texture has the target class {self.target}; the targeted attack "
+                    "uses the target class's textures (fit textures that include it, or "
+                    "pass texture_labels=None to use all)"
+                )
         if not self.targeted and self.texture_labels is not None:
             others = self.texture_labels.to(y.device).view(1, -1) != y.view(-1, 1)
             lonely = ~others.any(1)
