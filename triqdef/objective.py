@@ -96,43 +96,19 @@ class TriQDefObjective:
         lambda_smooth: float = 0.0,
         lambda_dverge: float = 0.0,
     ) -> None:
-        weights = dict(
-            lambda_adv=lambda_adv,
-            lambda_fdp=lambda_fdp,
-            lambda_gpdp=lambda_gpdp,
-            lambda_cos=lambda_cos,
-            lambda_smooth=lambda_smooth,
-            lambda_dverge=lambda_dverge,
-            alpha=alpha,
-            beta=beta,
-        )
-        for name, value in weights.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ConfigError(f"{name} must be a number, got {value!r}")
-            if not math.isfinite(value) or value < 0:
-                raise ConfigError(f"{name} must be finite and >= 0, got {value}")
-        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not 0 <= rho <= 1:
-            raise ConfigError(f"rho (patched share of the batch) must be in [0, 1], got {rho!r}")
-        if pairs not in PAIR_MODES:
-            raise ConfigError(f"pairs must be one of {PAIR_MODES}, got {pairs!r}")
         if patch_source is not None and not callable(patch_source):
             raise ConfigError(
                 f"patch_source must be callable(x, y, wrapper) -> x_adv, got {patch_source!r}"
             )
         if descriptor is not None and not isinstance(descriptor, DescriptorConfig):
             raise ConfigError(f"descriptor must be a DescriptorConfig, got {descriptor!r}")
-        if lambda_dverge != 0 and memory_bounded:
-            raise ConfigError(
-                "lambda_dverge > 0 is not supported with memory_bounded=True (the DVERGE "
-                "term distils features at each bit-width of the sample in one pass); use "
-                "one of them"
-            )
+        # each assignment below is checked by __setattr__ (weights, rho, pairs, DVERGE
+        # with memory_bounded); a fresh objective that fails is simply discarded
         self._penalty_bits = check_penalty_bits(penalty_bits)
-        self.lambda_adv, self.lambda_fdp = float(lambda_adv), float(lambda_fdp)
-        self.lambda_gpdp, self.alpha, self.beta = float(lambda_gpdp), float(alpha), float(beta)
-        self.rho, self.pairs = float(rho), pairs
-        self.lambda_cos, self.lambda_smooth = float(lambda_cos), float(lambda_smooth)
-        self.lambda_dverge = float(lambda_dverge)
+        self.lambda_adv, self.lambda_fdp, self.lambda_gpdp = lambda_adv, lambda_fdp, lambda_gpdp
+        self.lambda_cos, self.lambda_smooth = lambda_cos, lambda_smooth
+        self.lambda_dverge, self.alpha, self.beta = lambda_dverge, alpha, beta
+        self.rho, self.pairs = rho, pairs
         self.patch_source = RandomPatch() if patch_source is None else patch_source
         self.memory_bounded, self.check_finite = bool(memory_bounded), bool(check_finite)
         self.descriptor = descriptor or DescriptorConfig()
@@ -145,30 +121,37 @@ class TriQDefObjective:
     )
 
     def __setattr__(self, name: str, value: Any) -> None:
-        """Assignments after construction are checked as the constructor checks them
-        (a refused value raises [`ConfigError`][triqdef.errors.ConfigError] and keeps the
-        old one)."""
+        """Settings are checked on every assignment, in the constructor and after it (a
+        refused value raises [`ConfigError`][triqdef.errors.ConfigError] and keeps the old
+        one)."""
         if name in self._WEIGHTS:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ConfigError(f"{name} must be a number, got {value!r}")
             if not math.isfinite(value) or value < 0:
                 raise ConfigError(f"{name} must be finite and >= 0, got {value}")
             value = float(value)
-        if name == "rho" and (
-            isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1
-        ):
-            raise ConfigError(f"rho (patched share of the batch) must be in [0, 1], got {value!r}")
-        if name == "pairs" and value not in PAIR_MODES:
+        elif name == "rho":
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not number or not 0 <= value <= 1:
+                raise ConfigError(
+                    f"rho (patched share of the batch) must be in [0, 1], got {value!r}"
+                )
+            value = float(value)
+        elif name == "pairs" and value not in PAIR_MODES:
             raise ConfigError(f"pairs must be one of {PAIR_MODES}, got {value!r}")
-        dverge = value if name == "lambda_dverge" else getattr(self, "lambda_dverge", 0.0)
-        bounded = value if name == "memory_bounded" else getattr(self, "memory_bounded", False)
-        if name in ("lambda_dverge", "memory_bounded") and dverge != 0 and bounded:
+        if name in ("lambda_dverge", "memory_bounded") and self._dverge_bounded(name, value):
             raise ConfigError(
                 "lambda_dverge > 0 is not supported with memory_bounded=True (the DVERGE "
                 "term distils features at each bit-width of the sample in one pass); use "
                 "one of them"
             )
         super().__setattr__(name, value)
+
+    def _dverge_bounded(self, name: str, value: Any) -> bool:
+        """Whether assigning ``value`` to ``name`` would run DVERGE with memory_bounded."""
+        dverge = value if name == "lambda_dverge" else getattr(self, "lambda_dverge", 0.0)
+        bounded = value if name == "memory_bounded" else getattr(self, "memory_bounded", False)
+        return dverge != 0 and bool(bounded)
 
     @property
     def penalty_bits(self) -> int | None:

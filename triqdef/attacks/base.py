@@ -319,7 +319,10 @@ class BasePatchAttack:
                 return
             with torch.no_grad():
                 self._classes[key] = self._logits(model, x[:1], bits).shape[1]
-        k = self._classes[key]
+        self._check_labels(self._classes[key], y)
+
+    def _check_labels(self, k: int, y: Tensor) -> None:
+        """Check the target and the labels ``y`` against ``k`` classes."""
         if self.targeted and not 0 <= self._target_class() < k:
             raise InputError(
                 f"target class {self.target} is out of range: the model has {k} classes "

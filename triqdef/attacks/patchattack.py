@@ -396,17 +396,7 @@ class PatchAttack(BasePatchAttack):
             k = self._logits(model, x, self._run_bits(model)).shape[1]
         if k < 2:
             raise InputError(f"the model has {k} class; a patch attack needs at least 2")
-        if self.targeted and not 0 <= self._target_class() < k:
-            raise InputError(
-                f"target class {self.target} is out of range: the model has {k} classes "
-                f"(0..{k - 1})"
-            )
-        lo, hi = torch.aminmax(y)
-        if int(lo) < 0 or int(hi) >= k:
-            raise InputError(
-                f"labels must be in [0, {k}) (the model has {k} classes), "
-                f"got [{int(lo)}, {int(hi)}]"
-            )
+        self._check_labels(k, y)
         if self.targeted and self.texture_labels is not None:
             if not bool(self.texture_labels.eq(self._target_class()).any()):
                 raise InputError(
