@@ -12,7 +12,10 @@ ConvInteger, QLinearMatMul, MatMulInteger) or kept float convolutions. A third r
 runs the same 8-bit file with the session option ``session.disable_quant_qdq=1``
 (onnxruntime then treats DequantizeLinear as an ordinary op, folds the weights'
 DequantizeLinear into float constants and BatchNorm into the convolutions; same
-outputs up to float rounding).
+outputs up to float rounding). A fourth row runs the 8-bit file written with
+``integer=True`` (BatchNorm folded, int32 biases, outputs requantized onto the next
+layer's input grid), which onnxruntime fuses into integer kernels where a layer's
+output reaches the next quantizer through ReLU and max pooling only.
 
     python benchmarks/deploy.py [--model resnet20] [--batch 1 64] [--iters 50] [--threads 1]
 """
@@ -99,9 +102,16 @@ def main(argv: list[str] | None = None) -> dict:
         out["ops_8_folded"] = _ops(Path(tmp) / "m8f.opt.onnx")
         fused = sorted(op for op in out["ops_8"] if op in _INTEGER_OPS)
         out["integer_kernels"] = fused
+        path = Path(tmp) / "m8i.onnx"
+        export_onnx(wrapper, path, 8, torch.rand(1, *shape), integer=True)
+        sessions[0] = _session(path, args.threads, Path(tmp) / "m8i.opt.onnx")
+        out["ops_8_integer"] = _ops(Path(tmp) / "m8i.opt.onnx")
+        out["integer_kernels_integer"] = {
+            op: n for op, n in sorted(out["ops_8_integer"].items()) if op in _INTEGER_OPS
+        }
         for batch in args.batch:
             x = np.random.default_rng(batch).random((batch, *shape), dtype=np.float32)
-            times: dict[int, list[float]] = {32: [], 8: [], -8: []}
+            times: dict[int, list[float]] = {32: [], 8: [], -8: [], 0: []}
             for bits in times:  # warm-up
                 for _ in range(3):
                     sessions[bits].run(None, {"input": x})
@@ -116,6 +126,9 @@ def main(argv: list[str] | None = None) -> dict:
             folded = statistics.median(times[-8])
             row["qdq8_folded_ms"] = 1e3 * folded
             row["ratio_folded_over_fp32"] = folded / fp32
+            integer = statistics.median(times[0])
+            row["integer8_ms"] = 1e3 * integer
+            row["ratio_integer_over_fp32"] = integer / fp32
             out["rows"].append(row)
 
     print(f"{args.model}, onnxruntime CPU, {args.threads} thread(s), median of {args.iters}")
@@ -128,7 +141,15 @@ def main(argv: list[str] | None = None) -> dict:
             f"             8-bit QDQ, session.disable_quant_qdq=1 {r['qdq8_folded_ms']:8.2f} ms"
             f"   ratio /fp32 {r['ratio_folded_over_fp32']:.2f}"
         )
+        print(
+            f"             8-bit, export_onnx(integer=True)          {r['integer8_ms']:8.2f} ms"
+            f"   ratio /fp32 {r['ratio_integer_over_fp32']:.2f}"
+        )
     print(f"  integer kernels in the optimized 8-bit graph: {fused or 'none'}")
+    print(
+        "  integer kernels in the optimized integer=True graph: "
+        f"{out['integer_kernels_integer'] or 'none'}"
+    )
     print(f"  optimized 8-bit graph ops: {out['ops_8']}")
     print(f"  optimized 8-bit graph ops, disable_quant_qdq=1: {out['ops_8_folded']}")
     print(f"  optimized fp32 graph ops: {out['ops_32']}")

@@ -29,6 +29,7 @@ LAYERS = {
     "patches": 2,
     "_safetensors": 2,
     "_export": 2,
+    "_onnx_integer": 2,
     "_statedict": 2,
     "losses": 3,
     "_terms": 4,

@@ -166,6 +166,8 @@ def test_the_deploy_benchmark_runs(tmp_path):
     out = module.main(["--model", "smallcnn", "--batch", "1", "2", "--iters", "1"])
     assert [r["batch"] for r in out["rows"]] == [1, 2]
     assert all(r["ratio_qdq_over_fp32"] > 0 for r in out["rows"])
+    assert all(r["ratio_integer_over_fp32"] > 0 for r in out["rows"])
+    assert out["integer_kernels_integer"].get("QLinearConv") == 2
     assert out["ops_8"].get("QuantizeLinear", 0) + out["ops_8"].get("QLinearConv", 0) > 0
 
 
@@ -207,3 +209,171 @@ def test_a_layer_it_cannot_write_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="MultiheadAttention"):
         export_onnx(wrapper, tmp_path / "a.onnx", 8, torch.rand(1, 3, 8))
     assert not (tmp_path / "a.onnx").exists()
+
+
+# --- integer=True: the graph rewritten for onnxruntime's integer kernels --------------
+
+
+def _session(path, optimized=None, enable=True):
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if enable
+        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    if optimized is not None:
+        opts.optimized_model_filepath = str(optimized)
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def _ops(path):
+    return [n.op_type for n in onnx.load(str(path)).graph.node]
+
+
+def _plain_cnn(batchnorm, **kwargs):
+    """Conv -> [BN] -> ReLU -> MaxPool -> Conv -> [BN] -> ReLU -> Flatten -> Linear,
+    calibrated at every bit-width; the convolutions have no bias."""
+    nn = torch.nn
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(1, 8, 3, bias=False)]
+    layers += [nn.BatchNorm2d(8)] if batchnorm else []
+    layers += [nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 8, 3, bias=False)]
+    layers += [nn.BatchNorm2d(8)] if batchnorm else []
+    layers += [nn.ReLU(), nn.Flatten(), nn.Linear(8 * 9 * 9, 10)]
+    wrapper = TriQDefWrapper(nn.Sequential(*layers), bits=list(BITS), lambda_fdp=0, **kwargs)
+    wrapper.train()
+    with torch.no_grad():
+        for _ in range(3):
+            for b in BITS:
+                with wrapper.at_bits(b):
+                    wrapper.model(torch.rand(16, 1, 24, 24))
+    return wrapper.eval()
+
+
+def _layer_inputs(wrapper, path, bits, x):
+    """The quantized layers' inputs, ``(reference, file)`` lists in the order the layers
+    run: the reference from ``wrapper.export(bits)``, the file's from onnxruntime with
+    graph optimizations off (the file's own arithmetic, every tensor visible)."""
+    exported, ref = wrapper.export(bits), []
+    layers = [m.layer for m in exported.modules() if isinstance(m, QuantizedInputs)]
+    handles = [m.register_forward_pre_hook(lambda m, a: ref.append(a[0])) for m in layers]
+    exported(x)
+    for h in handles:
+        h.remove()
+    model = onnx.load(str(path))
+    names = [n.input[0] for n in model.graph.node if n.op_type in ("Conv", "Gemm")]
+    for name in names:
+        model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(model.SerializeToString(), opts)
+    outs = session.run(names, {"input": x.numpy()})
+    return [r.detach().numpy() for r in ref], outs
+
+
+def _same_codes(wrapper, path, bits, x):
+    """Every quantized layer's input in the file equals the reference's on its grid,
+    up to float ties: at most one step apart, in at most 0.2% of the values (the float
+    convolutions of onnxruntime and torch, folded or not, differ by ~1e-6, which now
+    and then moves a value across a rounding boundary)."""
+    exported = wrapper.export(bits)
+    scales = [m.input_scale for m in exported.modules() if isinstance(m, QuantizedInputs)]
+    ref, out = _layer_inputs(wrapper, path, bits, x)
+    assert len(ref) == len(out) == len(scales)
+    for r, o, s in zip(ref, out, scales):
+        steps = np.abs(r - o) / float(s)
+        assert steps.max() <= 1 + 1e-3
+        assert (steps > 0.5).mean() <= 2e-3
+
+
+@pytest.mark.parametrize("bits", [8, 5, 4, 2])
+def test_integer_graph_equals_export_where_nothing_is_rounded(bits, tmp_path):
+    # no bias and no BatchNorm: the requantization onto the next grid is exact, so the
+    # integer file computes wrapper.export(bits), fused into integer kernels
+    wrapper = _plain_cnn(batchnorm=False)
+    path, optimized = tmp_path / "int.onnx", tmp_path / "int.opt.onnx"
+    export_onnx(wrapper, path, bits, torch.rand(1, 1, 24, 24), integer=True)
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    x = torch.rand(5, 1, 24, 24, generator=torch.Generator().manual_seed(bits))
+    _same_codes(wrapper, path, bits, x)
+    out = _session(path, optimized).run(None, {"input": x.numpy()})[0]
+    assert (out.argmax(1) == wrapper.export(bits)(x).numpy().argmax(1)).all()
+    # both convolutions run as integer kernels; the logits layer stays float
+    assert _ops(optimized).count("QLinearConv") == 2
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_batchnorm_folding_is_exact_and_flips_negative_scales(bits, tmp_path):
+    wrapper = _plain_cnn(batchnorm=True)
+    exported = wrapper.export(bits)
+    with torch.no_grad():
+        for index in ("1", "5"):
+            bn, own = exported.get_submodule(index), wrapper.model.get_submodule(index)
+            # three channels negative (their codes change sign), none zero
+            gamma = torch.tensor([-1.3, -0.7, -0.2, 0.3, 0.8, 1.2, 1.7, 2.1])
+            k = gamma / torch.sqrt(bn.running_var + bn.eps)
+            own.weight.copy_(gamma)
+            own.bias.copy_(bn.running_mean * k)  # folded bias 0: nothing to round
+    path = tmp_path / "bn.onnx"
+    export_onnx(wrapper, path, bits, torch.rand(1, 1, 24, 24), integer=True)
+    ops = _ops(path)
+    assert "BatchNormalization" not in ops
+    assert ops.count("Conv") == 2 and ops.count("QuantizeLinear") == 3 + 2  # 2 requantized
+    x = torch.rand(5, 1, 24, 24, generator=torch.Generator().manual_seed(bits))
+    _same_codes(wrapper, path, bits, x)
+
+
+def test_integer_biases_are_the_folded_biases_rounded_to_their_grid(cnn, tmp_path):
+    path = tmp_path / "cnn.onnx"
+    export_onnx(cnn, path, 4, torch.rand(1, 1, 28, 28), integer=True)
+    model = onnx.load(str(path))
+    arrays = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    producer = {o: n for n in model.graph.node for o in n.output}
+    exported = cnn.export(4)
+    checked = 0
+    for node, block in zip(convs, ("block1", "block2", "block3")):
+        if node.input[2] not in producer:  # a float layer: bias is a plain constant
+            continue
+        wq, bq = producer[node.input[1]], producer[node.input[2]]
+        codes, w_scale = arrays[wq.input[0]], arrays[wq.input[1]]
+        b_codes, b_scale = arrays[bq.input[0]], arrays[bq.input[1]]
+        assert b_codes.dtype == np.int32
+        conv, bn = exported.get_submodule(f"{block}.0"), exported.get_submodule(f"{block}.1")
+        k = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().double().numpy()
+        folded = (-bn.running_mean.double().numpy()) * k + bn.bias.detach().double().numpy()
+        step = b_scale.astype(np.float64)
+        assert np.all(np.abs(b_codes * step - folded) <= 0.5 * step * (1 + 1e-5))
+        weight = conv.layer.weight.detach().double().numpy() * k.reshape(-1, 1, 1, 1)
+        view = w_scale.astype(np.float64).reshape(-1, 1, 1, 1)
+        np.testing.assert_allclose(codes * view, weight, rtol=1e-5, atol=1e-7)
+        checked += 1
+    assert checked == 2  # block3 feeds the average pool: it stays a float layer
+
+
+def test_integer_kernels_on_the_reference_models(cnn, tmp_path):
+    r20 = _trained(resnet20(), (3, 32, 32), steps=1)
+    for wrapper, shape, fused in ((cnn, (1, 28, 28), 2), (r20, (3, 32, 32), 9)):
+        path, optimized = tmp_path / "m.onnx", tmp_path / "m.opt.onnx"
+        export_onnx(wrapper, path, 8, torch.rand(1, *shape), integer=True)
+        x = torch.rand(4, *shape, generator=torch.Generator().manual_seed(0))
+        out = _session(path, optimized).run(None, {"input": x.numpy()})[0]
+        assert out.shape == (4, 10) and np.isfinite(out).all()
+        assert _ops(optimized).count("QLinearConv") == fused
+        # the bias rounding moves the logits a little, not the predictions
+        ref = wrapper.export(8)(x).numpy()
+        assert (out.argmax(1) == ref.argmax(1)).all()
+
+
+def test_integer_at_32_bits_is_the_float_graph(cnn, tmp_path):
+    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    export_onnx(cnn, a, 32, torch.rand(1, 1, 28, 28))
+    export_onnx(cnn, b, 32, torch.rand(1, 1, 28, 28), integer=True)
+    assert _ops(a) == _ops(b)
+
+
+def test_integer_must_be_a_bool(cnn, tmp_path):
+    path = tmp_path / "x.onnx"
+    with pytest.raises(ConfigError, match="integer must be True or False"):
+        export_onnx(cnn, path, 8, torch.rand(1, 1, 28, 28), integer="yes")
+    assert not path.exists()
