@@ -302,6 +302,17 @@ def test_integer_graph_equals_export_where_nothing_is_rounded(bits, tmp_path):
     assert _ops(optimized).count("QLinearConv") == 2
 
 
+@pytest.mark.parametrize("kwargs", [{"quantizer": "lsq"}, {"act_bits": 8}], ids=["lsq", "W4A8"])
+def test_integer_graph_with_learned_steps_and_wider_inputs(kwargs, tmp_path):
+    wrapper = _plain_cnn(batchnorm=False, **kwargs)
+    path, optimized = tmp_path / "int.onnx", tmp_path / "int.opt.onnx"
+    export_onnx(wrapper, path, 4, torch.rand(1, 1, 24, 24), integer=True)
+    x = torch.rand(5, 1, 24, 24, generator=torch.Generator().manual_seed(1))
+    _same_codes(wrapper, path, 4, x)
+    _session(path, optimized).run(None, {"input": x.numpy()})
+    assert _ops(optimized).count("QLinearConv") == 2
+
+
 @pytest.mark.parametrize("bits", [8, 4, 2])
 def test_batchnorm_folding_is_exact_and_flips_negative_scales(bits, tmp_path):
     wrapper = _plain_cnn(batchnorm=True)
