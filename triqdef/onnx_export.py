@@ -19,6 +19,10 @@ onnxruntime supports everywhere (13 and above), instead of relying on INT4/UINT4
 (opset 21), which cannot express 5 bits, the 2-bit unsigned grid or the narrow
 signed ranges anyway.
 
+With ``integer=True`` the written graph is then rewritten for onnxruntime's integer
+kernels (BatchNorm folded, int32 biases, each layer's output requantized onto the next
+layer's input grid where that is exact); the rewrite lives in ``_onnx_integer``.
+
 ``onnx`` and ``onnxruntime`` are optional (``pip install triqdef[onnx]``); this
 module imports without them, and ``onnx`` is imported on the first call.
 
