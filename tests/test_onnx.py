@@ -388,3 +388,35 @@ def test_integer_must_be_a_bool(cnn, tmp_path):
     with pytest.raises(ConfigError, match="integer must be True or False"):
         export_onnx(cnn, path, 8, torch.rand(1, 1, 28, 28), integer="yes")
     assert not path.exists()
+
+
+def test_linear_layers_run_as_integer_gemm(tmp_path):
+    nn = torch.nn
+    torch.manual_seed(0)
+    mlp = nn.Sequential(
+        nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10)
+    )
+    wrapper = TriQDefWrapper(mlp, bits=[32, 8, 4], lambda_fdp=0)
+    wrapper.train()
+    with torch.no_grad():
+        for _ in range(3):
+            for b in (32, 8, 4):
+                with wrapper.at_bits(b):
+                    wrapper.model(torch.rand(16, 1, 8, 8))
+    wrapper.eval()
+    path, optimized = tmp_path / "mlp.onnx", tmp_path / "mlp.opt.onnx"
+    export_onnx(wrapper, path, 4, torch.rand(1, 1, 8, 8), integer=True)
+    x = torch.rand(5, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    out = _session(path, optimized).run(None, {"input": x.numpy()})[0]
+    assert _ops(optimized).count("QGemm") == 2  # the logits layer stays float
+    assert out.shape == (5, 10) and np.isfinite(out).all()
+    model = onnx.load(str(path))
+    arrays = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    gemms = [n for n in model.graph.node if n.op_type == "Gemm" and n.input[2] in producer]
+    for node, index in zip(gemms, ("1", "3")):
+        bq = producer[node.input[2]]
+        step = arrays[bq.input[1]].astype(np.float64)
+        bias = mlp.get_submodule(index).bias.detach().double().numpy()
+        assert np.all(np.abs(arrays[bq.input[0]] * step - bias) <= 0.5 * step * (1 + 1e-5))
+    assert len(gemms) == 2

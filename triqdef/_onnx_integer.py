@@ -26,7 +26,9 @@ the next quantizer sits after the activation and pooling. `to_integer` rewrites 
 A layer whose output reaches something else (a residual ``Add``, an average pool, the
 model's output) cannot be requantized exactly; its dequantized weights (BatchNorm
 folded) are written as float constants instead, so onnxruntime runs it as a float
-convolution without dequantizing the weights at every call.
+convolution without dequantizing the weights at every call. Only ``Conv`` and ``Gemm``
+are rewritten: a ``Linear`` without bias, which torch writes as ``MatMul``, is left as
+it is.
 """
 
 from __future__ import annotations

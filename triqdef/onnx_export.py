@@ -299,7 +299,9 @@ def export_onnx(
       layer, where it reaches that quantizer only through ``Relu``, ``MaxPool`` and
       shape operations (exact: those map the grid onto itself);
     * a layer whose output goes elsewhere (a residual sum, an average pool, the
-      logits) keeps float weights, BatchNorm folded, and runs as a float layer.
+      logits) keeps float weights, BatchNorm folded, and runs as a float layer;
+    * a ``Linear`` without bias, which torch writes as ``MatMul`` rather than
+      ``Gemm``, is left as in the default file.
 
     The rounding of the biases is the one change of value: at most half a step of
     ``input_scale * weight_scale`` per output channel, which now and then moves an
