@@ -617,18 +617,9 @@ def _attack_factory(
 
     def make(model: Any, bits: int) -> Any:
         src, b = (on, None) if on is not None else (model, bits)
-        if attack == "lavan":
-            return LAVAN(
-                src,
-                side,
-                bits=b,
-                steps=size["lavan_steps"],
-                step_size=0.1,
-                seed=seed,
-                region=region,
-            )
-        if attack == "dpr":  # LAVAN's budget: steps, step size and the square's area
-            return DPR(
+        if attack in ("lavan", "dpr"):  # DPR gets LAVAN's steps, step size and area
+            cls = LAVAN if attack == "lavan" else DPR
+            return cls(
                 src,
                 side,
                 bits=b,
