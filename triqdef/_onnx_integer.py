@@ -182,15 +182,9 @@ def _next_quantizer(g: _Graph, name: str):
     return scale, zero, bounds
 
 
-def to_integer(onnx: Any, model: Any) -> dict[str, int]:
-    """Rewrite ``model`` (an ``onnx.ModelProto`` from `export_onnx`) in place.
-
-    Returns:
-        Counts: ``"integer"`` layers rewritten for integer kernels, ``"float"`` layers
-        written with float weights, ``"batchnorm_folded"``.
-    """
+def to_integer(onnx: Any, model: Any) -> None:
+    """Rewrite ``model`` (an ``onnx.ModelProto`` from `export_onnx`) in place."""
     g = _Graph(onnx, model.graph)
-    counts = {"integer": 0, "float": 0, "batchnorm_folded": 0}
     layers = [n for n in list(g.graph.node) if n.op_type in ("Conv", "Gemm")]
     for layer in layers:
         weight = _dq_parts(g, layer.input[1])
@@ -212,7 +206,6 @@ def to_integer(onnx: Any, model: Any) -> dict[str, int]:
                 sign, scale, bias = folded
                 shape = (-1,) + (1,) * (codes.ndim - 1)
                 codes = (codes.astype(np.int16) * sign.reshape(shape)).astype(codes.dtype)
-                counts["batchnorm_folded"] += 1
         x_scale = _input_scale(g, layer.input[0])
         nxt = _next_quantizer(g, layer.output[0])
         bias_scale = None
@@ -231,7 +224,6 @@ def to_integer(onnx: Any, model: Any) -> dict[str, int]:
             w = (codes.astype(np.float32) * view).astype(np.float32)
             del layer.input[1:]
             layer.input.extend([g.add_init(stem + "_w", w), g.add_init(stem + "_b", bias)])
-            counts["float"] += 1
             continue
         w_zero = np.zeros(codes.shape[0], dtype=codes.dtype)
         w_dq = onnx.helper.make_node(
@@ -278,9 +270,7 @@ def to_integer(onnx: Any, model: Any) -> dict[str, int]:
         index = list(g.graph.node).index(layer)
         for offset, node in enumerate(chain):
             g.graph.node.insert(index + 1 + offset, node)
-        counts["integer"] += 1
     _prune(model.graph)
-    return counts
 
 
 def _prune(graph: Any) -> None:
